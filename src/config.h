@@ -1,0 +1,132 @@
+/* The configuration: a JSON file (jansson) turned into an immutable,
+ * reference-counted snapshot.
+ *
+ * Loading validates everything: unknown keys, wrong types, bad addresses,
+ * dangling upstream names. Each problem is reported once as
+ * "<json.path>: <what is wrong> (line N)" through config_errors; nothing
+ * is printed by this file.
+ *
+ * String values may be "${VAR}" / "${VAR:-default}" (substituted from the
+ * environment, anywhere in the string; "$$" is a literal '$') or
+ * "@/path/file" (the whole value is read from the file, one trailing
+ * newline removed; "@@" at the start is a literal '@'). */
+#ifndef PORTICO_CONFIG_H
+#define PORTICO_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <jansson.h>
+#include "addr.h"
+#include "http1.h"
+
+struct router;
+
+struct config_listener {
+    char *address;                 /* as written */
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    int backlog;                   /* default 511 */
+};
+
+struct config_limits {
+    size_t max_header_bytes;       /* request line + fields; default 16384 */
+    size_t max_headers;            /* default 100 */
+    size_t max_uri_bytes;          /* default 8192 */
+    uint64_t max_body_bytes;       /* default 10485760; 0 = unlimited */
+    int header_timeout_ms;         /* whole request head; default 10000 -> 408 */
+    int body_timeout_ms;           /* grace before the minimum rate applies; default 30000 */
+    uint64_t body_min_rate;        /* bytes/s the body must average after the grace; default 1024; 0 = off (then body_timeout_ms is a total deadline) */
+    int idle_timeout_ms;           /* keep-alive idle between requests; default 60000 */
+    int send_timeout_ms;           /* client not reading our response; default 60000 */
+    int max_connections;           /* whole process; default 10000 */
+    int drain_timeout_ms;          /* on SIGTERM; default 30000 */
+};
+
+struct config_endpoint {
+    char *address;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+};
+
+struct config_upstream {
+    char *name;
+    size_t index;                  /* position in config.upstreams */
+    struct config_endpoint *endpoints;
+    size_t nendpoints;
+    int connect_timeout_ms;        /* default 1000 -> 502 on expiry */
+    int timeout_ms;                /* waiting for response bytes (head, and between body reads); default 60000 -> 504 */
+    int keepalive;                 /* idle pooled connections per worker per endpoint; default 64; 0 = no pooling */
+    int keepalive_timeout_ms;      /* idle pooled connection lifetime; default 30000 */
+    int keepalive_requests;        /* requests per upstream connection; default 10000 */
+};
+
+/* HTTP methods a route allows, as a bit mask over enum http_method. */
+#define ROUTE_METHOD_BIT(m) (1u << (m))
+
+struct config_route {
+    char *name;                    /* "name", default "routes[i]" */
+    size_t index;
+    char *host;                    /* lowercased; NULL = any host */
+    int host_wildcard;             /* host is "*.suffix"; host points at the whole pattern */
+    char *path;                    /* the path pattern */
+    size_t path_len;
+    int exact;                     /* "exact": true */
+    uint32_t methods;              /* 0 = any; else ROUTE_METHOD_BIT mask */
+    char **other_methods;          /* method tokens outside enum http_method */
+    size_t nother_methods;
+    struct config_upstream *upstream; /* NULL for a respond route */
+    char *strip_prefix;            /* removed from the front of the path before forwarding */
+    char *prefix_rewrite;          /* replaces the matched path prefix */
+    /* respond route */
+    int respond_status;            /* 0 when not a respond route */
+    char *respond_body;
+    size_t respond_body_len;
+    char *respond_content_type;    /* default "text/plain; charset=utf-8" */
+};
+
+struct config_access_log {
+    char *path;                    /* file path, "-" (stdout) or "off"; default "-" */
+};
+
+struct config {
+    int refcount;                  /* atomic; see config_ref / config_unref */
+    char *file;
+    int workers;                   /* resolved: >= 1 ("workers": 0 = one per CPU) */
+    char *log_level;               /* "debug", "info", "warn", "error"; default "info" */
+    struct config_listener *listeners;
+    size_t nlisteners;
+    struct config_limits limits;
+    struct config_access_log access_log;
+    struct cidr *trusted_proxies;
+    size_t ntrusted_proxies;
+    int via;                       /* add "Via: 1.1 portico"; default false */
+    struct config_upstream *upstreams;
+    size_t nupstreams;
+    struct config_route **routes;  /* array of pointers, config order */
+    size_t nroutes;
+    struct router *router;
+    json_t *json;                  /* the substituted document (for the admin API later) */
+};
+
+/* Collected load errors. */
+struct config_errors {
+    char **msgs;
+    size_t n;
+};
+void config_errors_free(struct config_errors *e);
+
+/* Load and validate a file. Returns a snapshot with refcount 1, or NULL
+ * with at least one message in errs (the caller prefixes the file name). */
+struct config *config_load(const char *file, struct config_errors *errs);
+/* The same from a string already in memory (tests, fuzzing); file is used
+ * only for messages and relative paths, may be NULL. */
+struct config *config_load_string(const char *json, const char *file, struct config_errors *errs);
+
+struct config *config_ref(struct config *c);
+void config_unref(struct config *c);
+
+/* Find an upstream by name; NULL if absent. */
+struct config_upstream *config_find_upstream(const struct config *c, const char *name);
+
+#endif

@@ -1,0 +1,45 @@
+/* The route table: host + path (+ method) -> route. Pure code.
+ *
+ * Built once per config load and immutable afterwards, so every worker can
+ * read it without locks. Matching rules:
+ *   - host: a route with an exact host beats one with a wildcard
+ *     ("*.example.com" matches one or more labels before ".example.com",
+ *     not "example.com" itself), which beats a route with no host.
+ *     Host comparison is case-insensitive; a ":port" suffix and a trailing
+ *     dot in the request's Host are ignored.
+ *   - path, within the best host group that has any path match: an exact
+ *     path beats every prefix; otherwise the longest prefix wins; ties keep
+ *     config order.
+ *   - methods: a route with a method list matches only those methods. When
+ *     routes match the path but none allows the method, the result is
+ *     "method not allowed" (405) rather than falling through to another
+ *     host group.
+ * The path given must already be normalised (uri_normalize_path). */
+#ifndef PORTICO_ROUTER_H
+#define PORTICO_ROUTER_H
+
+#include <stddef.h>
+#include "http1.h"
+
+struct config_route;
+struct router;
+
+/* Build the table over routes[0..n) (pointers are kept, not copied; the
+ * routes must outlive the router). Returns NULL with a reason in err on
+ * failure (out of memory, or two routes with the same host, path, kind
+ * and overlapping methods: the later one could never match). */
+struct router *router_build(struct config_route *const *routes, size_t n,
+                            char *err, size_t errlen);
+void router_free(struct router *r);
+
+enum router_result { ROUTER_MATCH, ROUTER_NOT_FOUND, ROUTER_METHOD_NOT_ALLOWED };
+
+/* Find the route for a request. On ROUTER_MATCH, *out is the route.
+ * Never allocates; safe to call from any thread. */
+enum router_result router_match(const struct router *r,
+                                const char *host, size_t host_len,
+                                const char *path, size_t path_len,
+                                enum http_method method, const struct http_str *method_str,
+                                const struct config_route **out);
+
+#endif

@@ -1,0 +1,5 @@
+#ifndef PORTICO_VERSION_H
+#define PORTICO_VERSION_H
+
+#define PORTICO_NAME "portico"
+#endif
