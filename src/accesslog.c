@@ -1,1 +1,87 @@
-/* placeholder: being written */
+#include "accesslog.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+
+struct out {
+    char *p;
+    size_t len, cap;
+};
+
+static void put(struct out *o, const char *s, size_t n)
+{
+    if (o->len + n > o->cap)
+        n = o->cap - o->len;
+    memcpy(o->p + o->len, s, n);
+    o->len += n;
+}
+
+/* A JSON string, escaped; at most max input bytes. */
+static void put_str(struct out *o, const char *s, size_t n, size_t max)
+{
+    static const char hex[] = "0123456789abcdef";
+    if (n > max)
+        n = max;
+    put(o, "\"", 1);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch == '"' || ch == '\\') {
+            char e[2] = { '\\', (char)ch };
+            put(o, e, 2);
+        } else if (ch < 0x20 || ch >= 0x7f) {
+            /* Bytes from the network are not trusted to be UTF-8. */
+            char e[6] = { '\\', 'u', '0', '0', hex[ch >> 4], hex[ch & 15] };
+            put(o, e, 6);
+        } else {
+            put(o, (const char *)&ch, 1);
+        }
+    }
+    put(o, "\"", 1);
+}
+
+size_t accesslog_format(const struct accesslog_entry *e, char *out, size_t cap)
+{
+    struct out o = { out, 0, cap - 1 };
+    struct timeval tv;
+    struct tm tm;
+    gettimeofday(&tv, NULL);
+    gmtime_r(&tv.tv_sec, &tm);
+    char tmp[128];
+    int n = snprintf(tmp, sizeof(tmp), "{\"time\":\"%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ\",\"client\":",
+                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                     (long)(tv.tv_usec / 1000));
+    put(&o, tmp, (size_t)n);
+    put_str(&o, e->client, strlen(e->client), 64);
+    put(&o, ",\"method\":", 10);
+    put_str(&o, e->method, strlen(e->method), 32);
+    put(&o, ",\"host\":", 8);
+    put_str(&o, e->host, strlen(e->host), 256);
+    put(&o, ",\"path\":", 8);
+    put_str(&o, e->path, e->path_len, 1024);
+    n = snprintf(tmp, sizeof(tmp),
+                 ",\"status\":%d,\"bytes_in\":%llu,\"bytes_out\":%llu,\"duration_ms\":%.3f,\"upstream_ms\":",
+                 e->status, (unsigned long long)e->bytes_in, (unsigned long long)e->bytes_out,
+                 (double)e->duration_us / 1000.0);
+    put(&o, tmp, (size_t)n);
+    if (e->has_upstream) {
+        n = snprintf(tmp, sizeof(tmp), "%.3f", (double)e->upstream_us / 1000.0);
+        put(&o, tmp, (size_t)n);
+    } else {
+        put(&o, "null", 4);
+    }
+    put(&o, ",\"route\":", 9);
+    if (e->route)
+        put_str(&o, e->route, strlen(e->route), 128);
+    else
+        put(&o, "null", 4);
+    put(&o, ",\"upstream\":", 12);
+    if (e->endpoint)
+        put_str(&o, e->endpoint, strlen(e->endpoint), 128);
+    else
+        put(&o, "null", 4);
+    put(&o, "}", 1);
+    out[o.len++] = '\n';
+    return o.len;
+}

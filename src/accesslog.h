@@ -1,1 +1,28 @@
+/* Access log: one JSON object per request, one line each. The query
+ * string is never logged: it may carry tokens. */
+#ifndef PORTICO_ACCESSLOG_H
+#define PORTICO_ACCESSLOG_H
 
+#include <stddef.h>
+#include <stdint.h>
+
+struct accesslog_entry {
+    const char *client;
+    const char *method;
+    const char *host;
+    const char *path;
+    size_t path_len;
+    int status;
+    uint64_t bytes_in, bytes_out;
+    uint64_t duration_us;
+    uint64_t upstream_us;
+    int has_upstream;
+    const char *route;     /* NULL when no route matched */
+    const char *endpoint;  /* NULL when no upstream was used */
+};
+
+/* Format e as a JSON line (with the trailing newline) into out; long
+ * fields are cut so the line always fits. Returns the length. */
+size_t accesslog_format(const struct accesslog_entry *e, char *out, size_t cap);
+
+#endif

@@ -1,0 +1,101 @@
+/* A byte buffer owned by one connection: data[start..end) is content,
+ * data[end..cap) is free. Fixed capacity chosen at creation; memory is
+ * taken lazily (first read) and may be given back when empty, so idle
+ * keep-alive connections cost no buffer memory. */
+#ifndef PORTICO_BUF_H
+#define PORTICO_BUF_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "log.h"
+
+struct buf {
+    char *data;
+    size_t start, end, cap;
+};
+
+static inline size_t buf_len(const struct buf *b) { return b->end - b->start; }
+static inline char *buf_head(const struct buf *b) { return b->data + b->start; }
+
+static inline void buf_init(struct buf *b, size_t cap)
+{
+    b->data = NULL;
+    b->start = b->end = 0;
+    b->cap = cap;
+}
+
+static inline void buf_ensure(struct buf *b)
+{
+    if (!b->data)
+        b->data = xmalloc(b->cap);
+}
+
+/* Free space at the tail after moving content to the front when that
+ * gains room. Only call when nobody holds pointers into the content. */
+static inline size_t buf_make_room(struct buf *b)
+{
+    buf_ensure(b);
+    if (b->start == b->end) {
+        b->start = b->end = 0;
+    } else if (b->start > 0 && b->cap - b->end < b->cap / 4) {
+        memmove(b->data, b->data + b->start, b->end - b->start);
+        b->end -= b->start;
+        b->start = 0;
+    }
+    return b->cap - b->end;
+}
+
+static inline size_t buf_space(const struct buf *b)
+{
+    return b->data ? b->cap - b->end : b->cap;
+}
+
+static inline void buf_consume(struct buf *b, size_t n)
+{
+    b->start += n;
+    if (b->start >= b->end)
+        b->start = b->end = 0;
+}
+
+/* Append; the caller has checked the space (aborts otherwise: a bug). */
+static inline void buf_append(struct buf *b, const void *p, size_t n)
+{
+    buf_ensure(b);
+    if (b->cap - b->end < n) {
+        if (b->start > 0) {
+            memmove(b->data, b->data + b->start, b->end - b->start);
+            b->end -= b->start;
+            b->start = 0;
+        }
+        if (b->cap - b->end < n)
+            die("buffer overflow: %zu bytes into %zu free", n, b->cap - b->end);
+    }
+    memcpy(b->data + b->end, p, n);
+    b->end += n;
+}
+
+/* Room for appending n bytes, counting what compaction would free. */
+static inline int buf_can_append(const struct buf *b, size_t n)
+{
+    return b->cap - (b->end - b->start) >= n;
+}
+
+static inline void buf_release_if_empty(struct buf *b)
+{
+    if (b->data && b->start == b->end) {
+        free(b->data);
+        b->data = NULL;
+        b->start = b->end = 0;
+    }
+}
+
+static inline void buf_free(struct buf *b)
+{
+    free(b->data);
+    b->data = NULL;
+    b->start = b->end = 0;
+}
+
+#endif

@@ -1,1 +1,1884 @@
-/* placeholder: being written */
+/* Loading the configuration: parse (jansson), substitute ${VAR} and @file
+ * values, validate every key while building the snapshot, then build the
+ * router.
+ *
+ * The file is read in four passes, each in its own section below:
+ *   1. json_loads (syntax; jansson reports line and column),
+ *   2. substitution over every string value,
+ *   3. validation, which fills struct config and records problems with
+ *      the JSON path where they were found (all of them, not the first),
+ *   4. when there were problems, a light scan of the raw text that finds
+ *      the line of each problem's path (or its nearest ancestor).
+ * Values that came from substitution may be secrets: a message quotes them
+ * only as the template written in the file, never as their value. */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "router.h"
+#include "uri.h"
+
+#define MAX_ERRORS 100               /* further problems are counted, not listed */
+#define SECRET_FILE_MAX (1u << 20)   /* "@file" values */
+#define CONFIG_FILE_MAX (16u << 20)
+#define DAY_MS 86400000LL
+#define SHOW_MAX 96                  /* longest value quoted in a message */
+
+/* ------------------------------------------------------------------ */
+/* Growable byte buffer, always NUL-terminated.                         */
+
+struct sbuf {
+    char *p;
+    size_t len, cap;
+};
+
+static void sb_reserve(struct sbuf *b, size_t more)
+{
+    if (b->len + more + 1 <= b->cap)
+        return;
+    size_t cap = b->cap ? b->cap : 64;
+    while (cap < b->len + more + 1)
+        cap *= 2;
+    b->p = xrealloc(b->p, cap);
+    b->cap = cap;
+}
+
+static void sb_putn(struct sbuf *b, const char *s, size_t n)
+{
+    sb_reserve(b, n);
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+static void sb_putc(struct sbuf *b, char c) { sb_putn(b, &c, 1); }
+static void sb_puts(struct sbuf *b, const char *s) { sb_putn(b, s, strlen(s)); }
+
+static void sb_truncate(struct sbuf *b, size_t len)
+{
+    b->len = len;
+    if (b->p)
+        b->p[len] = '\0';
+}
+
+/* Append s as the inside of a JSON-style quoted string: quotes,
+ * backslashes and control bytes escaped; cut to max bytes with "...". */
+static void sb_put_escaped(struct sbuf *b, const char *s, size_t n, size_t max)
+{
+    size_t i;
+    for (i = 0; i < n && i < max; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\') {
+            sb_putc(b, '\\');
+            sb_putc(b, (char)c);
+        } else if (c < 0x20 || c == 0x7f) {
+            char esc[8];
+            snprintf(esc, sizeof(esc), "\\u%04x", c);
+            sb_puts(b, esc);
+        } else {
+            sb_putc(b, (char)c);
+        }
+    }
+    if (i < n)
+        sb_puts(b, "...");
+}
+
+/* A path component: ".key" (or "key" first) for plain keys, else ["key"].
+ * The validator and the line scanner both use this, so their paths agree. */
+static void path_put_key(struct sbuf *b, const char *key, size_t n)
+{
+    int plain = n > 0;
+    for (size_t i = 0; i < n && plain; i++) {
+        char c = key[i];
+        plain = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                c == '_' || c == '-';
+    }
+    if (plain) {
+        if (b->len)
+            sb_putc(b, '.');
+        sb_putn(b, key, n);
+    } else {
+        sb_puts(b, "[\"");
+        sb_put_escaped(b, key, n, SIZE_MAX);
+        sb_puts(b, "\"]");
+    }
+}
+
+static void path_put_index(struct sbuf *b, size_t i)
+{
+    char tmp[32];
+    snprintf(tmp, sizeof(tmp), "[%zu]", i);
+    sb_puts(b, tmp);
+}
+
+/* ------------------------------------------------------------------ */
+/* The load context and error collection.                               */
+
+struct problem {
+    char *path;
+    char *msg;
+    size_t *cuts;     /* lengths of path and of each ancestor path (> 0) */
+    int *lines;       /* per cut: line found by the scan, 0 = none */
+    size_t ncuts;
+};
+
+struct subst_note {   /* a string value that substitution changed */
+    const json_t *v;
+    char *template;   /* the text written in the file */
+};
+
+struct load {
+    struct config *cfg;
+    char *dir;        /* config file's directory, NULL = relative to the cwd */
+    struct sbuf path; /* JSON path of the value being looked at */
+    size_t *marks;    /* path lengths at each nesting level */
+    size_t nmarks, cmarks;
+    struct problem *probs;
+    size_t nprobs, cprobs, dropped;
+    char **tainted;   /* paths whose substitution failed: no more errors there */
+    size_t ntainted, ctainted;
+    struct subst_note *notes;
+    size_t nnotes, cnotes;
+};
+
+static void mark_push(struct load *ld)
+{
+    if (ld->nmarks == ld->cmarks) {
+        ld->cmarks = ld->cmarks ? ld->cmarks * 2 : 16;
+        ld->marks = xrealloc(ld->marks, ld->cmarks * sizeof(*ld->marks));
+    }
+    ld->marks[ld->nmarks++] = ld->path.len;
+}
+
+static void push_key(struct load *ld, const char *key)
+{
+    mark_push(ld);
+    path_put_key(&ld->path, key, strlen(key));
+}
+
+static void push_index(struct load *ld, size_t i)
+{
+    mark_push(ld);
+    path_put_index(&ld->path, i);
+}
+
+static void pop(struct load *ld)
+{
+    sb_truncate(&ld->path, ld->marks[--ld->nmarks]);
+}
+
+static int is_tainted(const struct load *ld)
+{
+    for (size_t i = 0; i < ld->ntainted; i++) {
+        size_t n = strlen(ld->tainted[i]);
+        if (ld->path.len >= n && memcmp(ld->path.p, ld->tainted[i], n) == 0 &&
+            (ld->path.len == n || ld->path.p[n] == '.' || ld->path.p[n] == '['))
+            return 1;
+    }
+    return 0;
+}
+
+/* Record a problem at the current path. */
+static void verr(struct load *ld, const char *fmt, va_list ap)
+{
+    if (is_tainted(ld))
+        return;
+    if (ld->nprobs >= MAX_ERRORS) {
+        ld->dropped++;
+        return;
+    }
+    if (ld->nprobs == ld->cprobs) {
+        ld->cprobs = ld->cprobs ? ld->cprobs * 2 : 8;
+        ld->probs = xrealloc(ld->probs, ld->cprobs * sizeof(*ld->probs));
+    }
+    struct problem *p = &ld->probs[ld->nprobs++];
+    char msg[1024];
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    p->msg = xstrdup(msg);
+    p->path = xstrdup(ld->path.p ? ld->path.p : "");
+    /* The path, then each non-empty ancestor path, longest first. */
+    p->ncuts = 0;
+    p->cuts = xcalloc(ld->nmarks + 1, sizeof(*p->cuts));
+    p->lines = xcalloc(ld->nmarks + 1, sizeof(*p->lines));
+    size_t last = ld->path.len;
+    if (last)
+        p->cuts[p->ncuts++] = last;
+    for (size_t i = ld->nmarks; i-- > 0;) {
+        if (ld->marks[i] > 0 && ld->marks[i] < last) {
+            last = ld->marks[i];
+            p->cuts[p->ncuts++] = last;
+        }
+    }
+}
+
+static void __attribute__((format(printf, 2, 3))) err(struct load *ld, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    verr(ld, fmt, ap);
+    va_end(ap);
+}
+
+/* A problem with member key of the current object. */
+static void __attribute__((format(printf, 3, 4)))
+err_key(struct load *ld, const char *key, const char *fmt, ...)
+{
+    va_list ap;
+    push_key(ld, key);
+    va_start(ap, fmt);
+    verr(ld, fmt, ap);
+    va_end(ap);
+    pop(ld);
+}
+
+static void taint_current(struct load *ld)
+{
+    if (ld->ntainted == ld->ctainted) {
+        ld->ctainted = ld->ctainted ? ld->ctainted * 2 : 8;
+        ld->tainted = xrealloc(ld->tainted, ld->ctainted * sizeof(*ld->tainted));
+    }
+    ld->tainted[ld->ntainted++] = xstrdup(ld->path.p ? ld->path.p : "");
+}
+
+static int note_cmp(const void *a, const void *b)
+{
+    const struct subst_note *x = a, *y = b;
+    return x->v < y->v ? -1 : x->v > y->v;
+}
+
+static const struct subst_note *find_note(const struct load *ld, const json_t *v)
+{
+    struct subst_note key = { .v = v };
+    return ld->nnotes ? bsearch(&key, ld->notes, ld->nnotes, sizeof(key), note_cmp) : NULL;
+}
+
+/* A string value for a message: "text", or for a substituted value the
+ * template it came from (never the value: it may be a secret). */
+static const char *show(const struct load *ld, const json_t *v, char *buf, size_t cap)
+{
+    struct sbuf b = { 0 };
+    const struct subst_note *n = find_note(ld, v);
+    const char *s = n ? n->template : json_string_value(v);
+    size_t len = n ? strlen(s) : json_string_length(v);
+    sb_putc(&b, '"');
+    sb_put_escaped(&b, s ? s : "", s ? len : 0, SHOW_MAX);
+    sb_putc(&b, '"');
+    if (n)
+        sb_puts(&b, " (after substitution)");
+    snprintf(buf, cap, "%s", b.p);
+    free(b.p);
+    return buf;
+}
+
+/* ------------------------------------------------------------------ */
+/* Pass 2: substitution of ${VAR}, ${VAR:-default}, $$ and @file.        */
+
+static int is_var_start(char c)
+{
+    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '_';
+}
+
+static int is_var_char(char c) { return is_var_start(c) || (c >= '0' && c <= '9'); }
+
+/* Expand s[0..n) into out. Sets *used when a variable was expanded.
+ * Returns 0, or -1 after recording a problem. */
+static int expand_env(struct load *ld, const char *s, size_t n, struct sbuf *out, int *used)
+{
+    size_t i = 0;
+    while (i < n) {
+        if (s[i] != '$' || i + 1 >= n || (s[i + 1] != '$' && s[i + 1] != '{')) {
+            sb_putc(out, s[i++]);
+            continue;
+        }
+        if (s[i + 1] == '$') {
+            sb_putc(out, '$');
+            i += 2;
+            continue;
+        }
+        const char *close = memchr(s + i + 2, '}', n - i - 2);
+        if (!close) {
+            err(ld, "unterminated \"${\" (write \"$$\" for a literal '$')");
+            return -1;
+        }
+        const char *name = s + i + 2, *q = name;
+        if (q < close && is_var_start(*q))
+            while (q < close && is_var_char(*q))
+                q++;
+        size_t nlen = (size_t)(q - name);
+        int has_default = close - q >= 2 && q[0] == ':' && q[1] == '-';
+        if (nlen == 0 || (q != close && !has_default)) {
+            err(ld, "\"${\" must be followed by a variable name and \"}\" or \":-default}\", "
+                    "like ${PORT} or ${PORT:-8080}");
+            return -1;
+        }
+        char var[256];
+        if (nlen >= sizeof(var)) {
+            err(ld, "environment variable name is too long");
+            return -1;
+        }
+        memcpy(var, name, nlen);
+        var[nlen] = '\0';
+        const char *val = getenv(var);
+        if (has_default && (!val || !*val)) {
+            sb_putn(out, q + 2, (size_t)(close - q - 2));
+        } else if (!val) {
+            err(ld, "environment variable \"%s\" is not set", var);
+            return -1;
+        } else {
+            sb_puts(out, val);
+            *used = 1;
+        }
+        i = (size_t)(close - s) + 1;
+    }
+    return 0;
+}
+
+/* Read a whole secret file into out, one trailing newline removed.
+ * shown names the file in messages. */
+static int read_secret(struct load *ld, const char *path, const char *shown, struct sbuf *out)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd < 0) {
+        err(ld, "cannot read \"%s\": %s", shown, strerror(errno));
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        err(ld, "\"%s\" is not a regular file", shown);
+        close(fd);
+        return -1;
+    }
+    sb_reserve(out, SECRET_FILE_MAX + 1);
+    size_t start = out->len;
+    for (;;) {
+        ssize_t r = read(fd, out->p + out->len, SECRET_FILE_MAX + 1 - (out->len - start));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            err(ld, "cannot read \"%s\": %s", shown, strerror(errno));
+            close(fd);
+            return -1;
+        }
+        out->len += (size_t)r;
+        if (r == 0 || out->len - start > SECRET_FILE_MAX)
+            break;
+    }
+    close(fd);
+    out->p[out->len] = '\0';
+    if (out->len - start > SECRET_FILE_MAX) {
+        err(ld, "\"%s\" is larger than 1 MiB", shown);
+        return -1;
+    }
+    if (memchr(out->p + start, '\0', out->len - start)) {
+        err(ld, "\"%s\" contains a NUL byte", shown);
+        return -1;
+    }
+    if (out->len > start && out->p[out->len - 1] == '\n')
+        sb_truncate(out, out->len - 1);
+    if (out->len > start && out->p[out->len - 1] == '\r')
+        sb_truncate(out, out->len - 1);
+    return 0;
+}
+
+/* Relative paths are taken from the config file's directory. */
+static char *resolve_path(const struct load *ld, const char *p)
+{
+    if (p[0] == '/' || !ld->dir)
+        return xstrdup(p);
+    struct sbuf b = { 0 };
+    sb_puts(&b, ld->dir);
+    sb_putc(&b, '/');
+    sb_puts(&b, p);
+    return b.p;
+}
+
+/* "@path" -> the file's content; "@@x" -> "@x"; else ${...} expansion. */
+static int subst_value(struct load *ld, const char *s, size_t n, struct sbuf *out, int *changed)
+{
+    int used = 0;
+    if (n >= 2 && s[0] == '@' && s[1] == '@') {
+        sb_putc(out, '@');
+        return expand_env(ld, s + 2, n - 2, out, changed);
+    }
+    if (n == 0 || s[0] != '@')
+        return expand_env(ld, s, n, out, changed);
+
+    struct sbuf path = { 0 };
+    int rc = expand_env(ld, s + 1, n - 1, &path, &used);
+    if (rc == 0 && path.len == 0) {
+        err(ld, "\"@\" must be followed by a file path (write \"@@\" for a literal '@')");
+        rc = -1;
+    }
+    if (rc == 0) {
+        char *full = resolve_path(ld, path.p);
+        struct sbuf shown = { 0 };
+        if (used) /* the path itself came from the environment: show the template */
+            sb_put_escaped(&shown, s + 1, n - 1, SHOW_MAX);
+        else
+            sb_put_escaped(&shown, full, strlen(full), 4 * SHOW_MAX);
+        rc = read_secret(ld, full, shown.p, out);
+        free(full);
+        free(shown.p);
+        *changed = 1;
+    }
+    free(path.p);
+    return rc;
+}
+
+static void subst_note_add(struct load *ld, const json_t *v, const char *template, size_t n)
+{
+    if (ld->nnotes == ld->cnotes) {
+        ld->cnotes = ld->cnotes ? ld->cnotes * 2 : 8;
+        ld->notes = xrealloc(ld->notes, ld->cnotes * sizeof(*ld->notes));
+    }
+    ld->notes[ld->nnotes].v = v;
+    ld->notes[ld->nnotes].template = xstrndup(template, n);
+    ld->nnotes++;
+}
+
+static void subst_string(struct load *ld, json_t *v)
+{
+    const char *s = json_string_value(v);
+    size_t n = json_string_length(v);
+    if (!memchr(s, '$', n) && (n == 0 || s[0] != '@'))
+        return;
+    struct sbuf out = { 0 };
+    int changed = 0;
+    sb_reserve(&out, n);
+    if (subst_value(ld, s, n, &out, &changed) < 0) {
+        taint_current(ld);
+    } else if (changed) {
+        char *template = xstrndup(s, n);
+        /* json_string_setn checks UTF-8: environment values and files may not be. */
+        if (json_string_setn(v, out.p, out.len) < 0) {
+            err(ld, "the substituted value is not valid UTF-8");
+            taint_current(ld);
+        } else {
+            subst_note_add(ld, v, template, n);
+        }
+        free(template);
+    } else if (out.len != n || memcmp(out.p, s, n) != 0) {
+        json_string_setn(v, out.p, out.len); /* only "$$" or "@@": valid UTF-8 stays valid */
+    }
+    free(out.p);
+}
+
+static void subst_walk(struct load *ld, json_t *v)
+{
+    const char *key;
+    json_t *child;
+    size_t i;
+    switch (json_typeof(v)) {
+    case JSON_OBJECT:
+        json_object_foreach(v, key, child) {
+            push_key(ld, key);
+            subst_walk(ld, child);
+            pop(ld);
+        }
+        break;
+    case JSON_ARRAY:
+        json_array_foreach(v, i, child) {
+            push_index(ld, i);
+            subst_walk(ld, child);
+            pop(ld);
+        }
+        break;
+    case JSON_STRING:
+        subst_string(ld, v);
+        break;
+    default:
+        break;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Pass 3 helpers: keys and typed getters.                              */
+
+static const char *type_name(const json_t *v)
+{
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: return "object";
+    case JSON_ARRAY: return "array";
+    case JSON_STRING: return "string";
+    case JSON_INTEGER: return "integer";
+    case JSON_REAL: return "number with a fraction";
+    case JSON_TRUE:
+    case JSON_FALSE: return "boolean";
+    default: return "null";
+    }
+}
+
+static size_t edit_distance(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b), row[65];
+    if (la > 64 || lb > 64)
+        return SIZE_MAX;
+    for (size_t j = 0; j <= lb; j++)
+        row[j] = j;
+    for (size_t i = 1; i <= la; i++) {
+        size_t diag = row[0];
+        row[0] = i;
+        for (size_t j = 1; j <= lb; j++) {
+            size_t up = row[j];
+            size_t best = diag + (a[i - 1] != b[j - 1]);
+            if (up + 1 < best)
+                best = up + 1;
+            if (row[j - 1] + 1 < best)
+                best = row[j - 1] + 1;
+            row[j] = best;
+            diag = up;
+        }
+    }
+    return row[lb];
+}
+
+static int in_list(const char *const *list, const char *s)
+{
+    for (; list && *list; list++)
+        if (strcmp(*list, s) == 0)
+            return 1;
+    return 0;
+}
+
+/* Every key of obj must be in known; keys in later (DESIGN.md features not
+ * built yet) get a message saying so instead of "unknown key". */
+static void check_keys(struct load *ld, json_t *obj, const char *const *known, const char *const *later)
+{
+    const char *key;
+    json_t *v;
+    json_object_foreach(obj, key, v) {
+        if (in_list(known, key))
+            continue;
+        if (in_list(later, key)) {
+            err_key(ld, key, "not supported by this build yet");
+            continue;
+        }
+        const char *near = NULL;
+        size_t best = 3;
+        for (const char *const *k = known; *k; k++) {
+            size_t d = edit_distance(key, *k);
+            if (d < best) {
+                best = d;
+                near = *k;
+            }
+        }
+        if (near && best + 2 <= strlen(key))
+            err_key(ld, key, "unknown key (did you mean \"%s\"?)", near);
+        else
+            err_key(ld, key, "unknown key");
+    }
+}
+
+/* Typed member getters. Absent: *out = def and 0. Wrong type or range:
+ * a problem is recorded, *out = def and -1. */
+static int get_int(struct load *ld, json_t *obj, const char *key, long long min, long long max,
+                   long long def, long long *out)
+{
+    json_t *v = json_object_get(obj, key);
+    *out = def;
+    if (!v)
+        return 0;
+    if (!json_is_integer(v)) {
+        err_key(ld, key, "expected an integer, got %s", type_name(v));
+        return -1;
+    }
+    long long n = json_integer_value(v);
+    if (n < min || n > max) {
+        if (max == LLONG_MAX)
+            err_key(ld, key, "must be at least %lld, got %lld", min, n);
+        else
+            err_key(ld, key, "must be from %lld to %lld, got %lld", min, max, n);
+        return -1;
+    }
+    *out = n;
+    return 0;
+}
+
+static int get_int_field(struct load *ld, json_t *obj, const char *key, long long min,
+                         long long max, int def, int *out)
+{
+    long long v;
+    int rc = get_int(ld, obj, key, min, max, def, &v);
+    *out = (int)v;
+    return rc;
+}
+
+static int get_timeout(struct load *ld, json_t *obj, const char *key, int def, int *out)
+{
+    long long v;
+    json_t *j = json_object_get(obj, key);
+    *out = def;
+    if (j && json_is_integer(j) && (json_integer_value(j) < 1 || json_integer_value(j) > DAY_MS)) {
+        err_key(ld, key, "must be from 1 to %lld milliseconds (one day), got %lld", DAY_MS,
+                (long long)json_integer_value(j));
+        return -1;
+    }
+    int rc = get_int(ld, obj, key, 1, DAY_MS, def, &v);
+    *out = (int)v;
+    return rc;
+}
+
+static int get_bool(struct load *ld, json_t *obj, const char *key, int def, int *out)
+{
+    json_t *v = json_object_get(obj, key);
+    *out = def;
+    if (!v)
+        return 0;
+    if (!json_is_boolean(v)) {
+        err_key(ld, key, "expected true or false, got %s", type_name(v));
+        return -1;
+    }
+    *out = json_is_true(v);
+    return 0;
+}
+
+/* A string member; NULL when absent or of the wrong type (then recorded). */
+static json_t *get_string(struct load *ld, json_t *obj, const char *key)
+{
+    json_t *v = json_object_get(obj, key);
+    if (v && !json_is_string(v)) {
+        err_key(ld, key, "expected a string, got %s", type_name(v));
+        return NULL;
+    }
+    return v;
+}
+
+/* An object or array member of the right type; NULL otherwise. */
+static json_t *get_typed(struct load *ld, json_t *obj, const char *key, json_type t)
+{
+    json_t *v = json_object_get(obj, key);
+    if (v && json_typeof(v) != t) {
+        err_key(ld, key, "expected %s, got %s", t == JSON_OBJECT ? "an object" : "an array",
+                type_name(v));
+        return NULL;
+    }
+    return v;
+}
+
+static int has_ctl(const char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7f)
+            return 1;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Pass 3: the top-level sections.                                      */
+
+static const char *const no_keys[] = { NULL };
+
+static void parse_workers(struct load *ld, json_t *root)
+{
+    long long w;
+    get_int(ld, root, "workers", 0, 256, 0, &w);
+    if (w == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        w = n < 1 ? 1 : n > 256 ? 256 : n;
+    }
+    ld->cfg->workers = (int)w;
+}
+
+static void parse_log_level(struct load *ld, json_t *root)
+{
+    char shown[SHOW_MAX * 2];
+    json_t *v = get_string(ld, root, "log_level");
+    int ok = v && log_level_parse(json_string_value(v)) >= 0;
+    if (v && !ok)
+        err_key(ld, "log_level", "%s is not one of \"debug\", \"info\", \"warn\", \"error\"",
+                show(ld, v, shown, sizeof(shown)));
+    ld->cfg->log_level = xstrdup(ok ? json_string_value(v) : "info");
+}
+
+static int sockaddr_cmp(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+    if (a->ss_family != b->ss_family)
+        return a->ss_family < b->ss_family ? -1 : 1;
+    if (a->ss_family == AF_INET) {
+        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+        int c = memcmp(&x->sin_addr, &y->sin_addr, sizeof(x->sin_addr));
+        return c ? c : memcmp(&x->sin_port, &y->sin_port, sizeof(x->sin_port));
+    }
+    const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+    int c = memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr));
+    return c ? c : memcmp(&x->sin6_port, &y->sin6_port, sizeof(x->sin6_port));
+}
+
+/* For sorting by address or by name while keeping config order in ties. */
+struct sort_item {
+    const struct sockaddr_storage *addr;
+    const char *name;
+    size_t index;
+};
+
+static int addr_item_order(const void *a, const void *b)
+{
+    const struct sort_item *x = a, *y = b;
+    int c = sockaddr_cmp(x->addr, y->addr);
+    return c ? c : (x->index < y->index ? -1 : x->index > y->index);
+}
+
+static int name_item_order(const void *a, const void *b)
+{
+    const struct sort_item *x = a, *y = b;
+    int c = strcmp(x->name, y->name);
+    return c ? c : (x->index < y->index ? -1 : x->index > y->index);
+}
+
+static void parse_listener(struct load *ld, json_t *obj, struct config_listener *l)
+{
+    static const char *const known[] = { "address", "backlog", NULL };
+    static const char *const later[] = { "tls", NULL };
+    char why[128], shown[SHOW_MAX * 2];
+    long long backlog;
+
+    if (!json_is_object(obj)) {
+        err(ld, "expected an object like {\"address\": \"127.0.0.1:8080\"}, got %s", type_name(obj));
+        return;
+    }
+    check_keys(ld, obj, known, later);
+    get_int(ld, obj, "backlog", 1, 65535, 511, &backlog);
+    l->backlog = (int)backlog;
+    json_t *a = get_string(ld, obj, "address");
+    if (!json_object_get(obj, "address"))
+        err_key(ld, "address", "required (like \"127.0.0.1:8080\", \"[::1]:8080\" or \"*:8080\")");
+    if (!a)
+        return;
+    l->address = xstrdup(json_string_value(a));
+    if (addr_parse(l->address, &l->addr, &l->addrlen, why, sizeof(why)) < 0)
+        err_key(ld, "address", "%s: %s", show(ld, a, shown, sizeof(shown)), why);
+}
+
+static void parse_listeners(struct load *ld, json_t *root)
+{
+    struct config *c = ld->cfg;
+    json_t *arr = get_typed(ld, root, "listeners", JSON_ARRAY);
+    if (!json_object_get(root, "listeners")) {
+        err_key(ld, "listeners", "required (at least one, like [{\"address\": \"127.0.0.1:8080\"}])");
+        return;
+    }
+    if (!arr)
+        return;
+    if (json_array_size(arr) == 0) {
+        err_key(ld, "listeners", "must not be empty");
+        return;
+    }
+    c->nlisteners = json_array_size(arr);
+    c->listeners = xcalloc(c->nlisteners, sizeof(*c->listeners));
+    push_key(ld, "listeners");
+    for (size_t i = 0; i < c->nlisteners; i++) {
+        push_index(ld, i);
+        parse_listener(ld, json_array_get(arr, i), &c->listeners[i]);
+        pop(ld);
+    }
+    /* Duplicates: sort the parsed ones by address, compare neighbours. */
+    struct sort_item *items = xcalloc(c->nlisteners, sizeof(*items));
+    size_t n = 0;
+    for (size_t i = 0; i < c->nlisteners; i++)
+        if (c->listeners[i].addrlen)
+            items[n++] = (struct sort_item){ .addr = &c->listeners[i].addr, .index = i };
+    qsort(items, n, sizeof(*items), addr_item_order);
+    for (size_t k = 1, first = 0; k < n; k++) {
+        if (sockaddr_cmp(items[k].addr, items[first].addr) != 0) {
+            first = k;
+            continue;
+        }
+        push_index(ld, items[k].index);
+        err_key(ld, "address", "the same address as listeners[%zu]", items[first].index);
+        pop(ld);
+    }
+    free(items);
+    pop(ld);
+}
+
+static void parse_limits(struct load *ld, json_t *root)
+{
+    static const char *const known[] = {
+        "max_header_bytes", "max_headers", "max_uri_bytes", "max_body_bytes",
+        "header_timeout_ms", "body_timeout_ms", "body_min_rate", "idle_timeout_ms",
+        "send_timeout_ms", "max_connections", "drain_timeout_ms", NULL,
+    };
+    struct config_limits *l = &ld->cfg->limits;
+    long long v;
+    json_t *obj = get_typed(ld, root, "limits", JSON_OBJECT);
+    json_t *empty = obj ? NULL : json_object();
+    if (!obj)
+        obj = empty;
+    push_key(ld, "limits");
+    check_keys(ld, obj, known, no_keys);
+    get_int(ld, obj, "max_header_bytes", 1024, 1048576, 16384, &v);
+    l->max_header_bytes = (size_t)v;
+    get_int(ld, obj, "max_headers", 1, 1000, 100, &v);
+    l->max_headers = (size_t)v;
+    if (get_int(ld, obj, "max_uri_bytes", 256, 65536, 8192, &v) == 0 &&
+        (size_t)v > l->max_header_bytes) {
+        err_key(ld, "max_uri_bytes", "must not exceed max_header_bytes (%zu), got %lld",
+                l->max_header_bytes, v);
+    }
+    l->max_uri_bytes = (size_t)v;
+    get_int(ld, obj, "max_body_bytes", 0, LLONG_MAX, 10485760, &v);
+    l->max_body_bytes = (uint64_t)v;
+    get_int(ld, obj, "body_min_rate", 0, LLONG_MAX, 1024, &v);
+    l->body_min_rate = (uint64_t)v;
+    get_int_field(ld, obj, "max_connections", 1, 10000000, 10000, &l->max_connections);
+    get_timeout(ld, obj, "header_timeout_ms", 10000, &l->header_timeout_ms);
+    get_timeout(ld, obj, "body_timeout_ms", 30000, &l->body_timeout_ms);
+    get_timeout(ld, obj, "idle_timeout_ms", 60000, &l->idle_timeout_ms);
+    get_timeout(ld, obj, "send_timeout_ms", 60000, &l->send_timeout_ms);
+    get_timeout(ld, obj, "drain_timeout_ms", 30000, &l->drain_timeout_ms);
+    pop(ld);
+    json_decref(empty);
+}
+
+static void parse_access_log(struct load *ld, json_t *root)
+{
+    static const char *const known[] = { "path", "format", NULL };
+    char shown[SHOW_MAX * 2];
+    json_t *obj = get_typed(ld, root, "access_log", JSON_OBJECT);
+    const char *path = "-";
+    if (obj) {
+        push_key(ld, "access_log");
+        check_keys(ld, obj, known, no_keys);
+        json_t *p = get_string(ld, obj, "path");
+        if (p && (json_string_length(p) == 0 || has_ctl(json_string_value(p))))
+            err_key(ld, "path", "must be \"-\" (stdout), \"off\" or a file path");
+        else if (p)
+            path = json_string_value(p);
+        json_t *f = get_string(ld, obj, "format");
+        if (f && strcmp(json_string_value(f), "json") != 0)
+            err_key(ld, "format", "%s is not supported (only \"json\")", show(ld, f, shown, sizeof(shown)));
+        pop(ld);
+    }
+    if (strcmp(path, "-") == 0 || strcmp(path, "off") == 0)
+        ld->cfg->access_log.path = xstrdup(path);
+    else
+        ld->cfg->access_log.path = resolve_path(ld, path);
+}
+
+static void parse_trusted_proxies(struct load *ld, json_t *root)
+{
+    struct config *c = ld->cfg;
+    char why[128], shown[SHOW_MAX * 2];
+    json_t *arr = get_typed(ld, root, "trusted_proxies", JSON_ARRAY);
+    if (!arr)
+        return;
+    push_key(ld, "trusted_proxies");
+    c->trusted_proxies = xcalloc(json_array_size(arr), sizeof(*c->trusted_proxies));
+    for (size_t i = 0; i < json_array_size(arr); i++) {
+        json_t *v = json_array_get(arr, i);
+        push_index(ld, i);
+        if (!json_is_string(v))
+            err(ld, "expected a string like \"10.0.0.0/8\", got %s", type_name(v));
+        else if (cidr_parse(json_string_value(v), &c->trusted_proxies[c->ntrusted_proxies], why,
+                            sizeof(why)) < 0)
+            err(ld, "%s: %s", show(ld, v, shown, sizeof(shown)), why);
+        else
+            c->ntrusted_proxies++;
+        pop(ld);
+    }
+    pop(ld);
+}
+
+/* ------------------------------------------------------------------ */
+/* Upstreams.                                                           */
+
+static int valid_upstream_name(const char *s)
+{
+    if (!*s)
+        return 0;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
+              *s == '_' || *s == '.' || *s == '-'))
+            return 0;
+    return 1;
+}
+
+static void parse_endpoints(struct load *ld, json_t *obj, struct config_upstream *u)
+{
+    char why[128], shown[SHOW_MAX * 2];
+    json_t *arr = get_typed(ld, obj, "endpoints", JSON_ARRAY);
+    if (!json_object_get(obj, "endpoints")) {
+        err_key(ld, "endpoints", "required (like [\"127.0.0.1:8000\"])");
+        return;
+    }
+    if (!arr)
+        return;
+    if (json_array_size(arr) == 0) {
+        err_key(ld, "endpoints", "must not be empty");
+        return;
+    }
+    u->endpoints = xcalloc(json_array_size(arr), sizeof(*u->endpoints));
+    push_key(ld, "endpoints");
+    for (size_t i = 0; i < json_array_size(arr); i++) {
+        json_t *v = json_array_get(arr, i);
+        struct config_endpoint *e = &u->endpoints[u->nendpoints];
+        push_index(ld, i);
+        if (!json_is_string(v)) {
+            err(ld, "expected a string like \"127.0.0.1:8000\", got %s", type_name(v));
+        } else if (addr_parse(json_string_value(v), &e->addr, &e->addrlen, why, sizeof(why)) < 0) {
+            if (strstr(why, "host names"))
+                err(ld, "%s: host names are not supported yet; only IP literals like "
+                        "\"10.0.0.5:8000\" or \"[fd00::5]:8000\" are supported for now",
+                    show(ld, v, shown, sizeof(shown)));
+            else
+                err(ld, "%s: %s", show(ld, v, shown, sizeof(shown)), why);
+        } else if (json_string_value(v)[0] == '*') {
+            err(ld, "\"*\" (any address) cannot be an endpoint; name the upstream's IP");
+        } else {
+            e->address = xstrdup(json_string_value(v));
+            u->nendpoints++;
+        }
+        pop(ld);
+    }
+    pop(ld);
+}
+
+static void parse_upstream(struct load *ld, json_t *obj, struct config_upstream *u)
+{
+    static const char *const known[] = {
+        "endpoints", "balance", "connect_timeout_ms", "timeout_ms", "keepalive",
+        "keepalive_timeout_ms", "keepalive_requests", NULL,
+    };
+    static const char *const later[] = { "retry", "circuit_breaker", "health_check", NULL };
+    char shown[SHOW_MAX * 2];
+
+    if (!json_is_object(obj)) {
+        err(ld, "expected an object like {\"endpoints\": [\"127.0.0.1:8000\"]}, got %s", type_name(obj));
+        return;
+    }
+    check_keys(ld, obj, known, later);
+    parse_endpoints(ld, obj, u);
+    json_t *b = get_string(ld, obj, "balance");
+    if (b && strcmp(json_string_value(b), "round_robin") != 0)
+        err_key(ld, "balance", "%s is not supported by this build yet (only \"round_robin\")",
+                show(ld, b, shown, sizeof(shown)));
+    get_timeout(ld, obj, "connect_timeout_ms", 1000, &u->connect_timeout_ms);
+    get_timeout(ld, obj, "timeout_ms", 60000, &u->timeout_ms);
+    get_int_field(ld, obj, "keepalive", 0, 10000, 64, &u->keepalive);
+    get_timeout(ld, obj, "keepalive_timeout_ms", 30000, &u->keepalive_timeout_ms);
+    get_int_field(ld, obj, "keepalive_requests", 1, 1000000000, 10000, &u->keepalive_requests);
+}
+
+static void parse_upstreams(struct load *ld, json_t *root)
+{
+    struct config *c = ld->cfg;
+    const char *name;
+    json_t *v;
+    json_t *obj = get_typed(ld, root, "upstreams", JSON_OBJECT);
+    if (!obj)
+        return;
+    c->upstreams = xcalloc(json_object_size(obj), sizeof(*c->upstreams));
+    push_key(ld, "upstreams");
+    json_object_foreach(obj, name, v) {
+        struct config_upstream *u = &c->upstreams[c->nupstreams];
+        u->name = xstrdup(name);
+        u->index = c->nupstreams++;
+        push_key(ld, name);
+        if (!valid_upstream_name(name))
+            err(ld, "invalid upstream name (use letters, digits, '_', '.' and '-')");
+        parse_upstream(ld, v, u);
+        pop(ld);
+    }
+    pop(ld);
+}
+
+/* ------------------------------------------------------------------ */
+/* Routes.                                                              */
+
+static const struct {
+    const char *name;
+    enum http_method m;
+} known_methods[] = {
+    { "GET", HTTP_M_GET }, { "HEAD", HTTP_M_HEAD }, { "POST", HTTP_M_POST },
+    { "PUT", HTTP_M_PUT }, { "DELETE", HTTP_M_DELETE }, { "OPTIONS", HTTP_M_OPTIONS },
+    { "PATCH", HTTP_M_PATCH }, { "TRACE", HTTP_M_TRACE },
+};
+
+/* RFC 9110 tchar. */
+static int is_tchar(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+static void parse_method(struct load *ld, struct config_route *r, json_t *v)
+{
+    char shown[SHOW_MAX * 2];
+    if (!json_is_string(v)) {
+        err(ld, "expected a method name like \"GET\", got %s", type_name(v));
+        return;
+    }
+    const char *m = json_string_value(v);
+    int token = *m != '\0' && strlen(m) <= 32, lower = 0;
+    for (const char *p = m; *p && token; p++) {
+        token = is_tchar(*p);
+        lower |= *p >= 'a' && *p <= 'z';
+    }
+    if (!token) {
+        err(ld, "%s is not a valid method name", show(ld, v, shown, sizeof(shown)));
+        return;
+    }
+    if (lower) {
+        err(ld, "%s: methods are case-sensitive and written in upper case",
+            show(ld, v, shown, sizeof(shown)));
+        return;
+    }
+    if (strcmp(m, "CONNECT") == 0) {
+        err(ld, "\"CONNECT\" cannot be routed (CONNECT requests are refused with 501)");
+        return;
+    }
+    for (size_t i = 0; i < sizeof(known_methods) / sizeof(known_methods[0]); i++) {
+        if (strcmp(m, known_methods[i].name) == 0) {
+            if (r->methods & ROUTE_METHOD_BIT(known_methods[i].m))
+                err(ld, "\"%s\" is listed twice", m);
+            r->methods |= ROUTE_METHOD_BIT(known_methods[i].m);
+            return;
+        }
+    }
+    for (size_t i = 0; i < r->nother_methods; i++) {
+        if (strcmp(r->other_methods[i], m) == 0) {
+            err(ld, "%s is listed twice", show(ld, v, shown, sizeof(shown)));
+            return;
+        }
+    }
+    r->other_methods[r->nother_methods++] = xstrdup(m);
+}
+
+static void parse_methods(struct load *ld, json_t *obj, struct config_route *r)
+{
+    json_t *arr = get_typed(ld, obj, "methods", JSON_ARRAY);
+    if (!arr)
+        return;
+    if (json_array_size(arr) == 0) {
+        err_key(ld, "methods", "must not be empty (leave it out to allow every method)");
+        return;
+    }
+    r->other_methods = xcalloc(json_array_size(arr), sizeof(*r->other_methods));
+    push_key(ld, "methods");
+    for (size_t i = 0; i < json_array_size(arr); i++) {
+        push_index(ld, i);
+        parse_method(ld, r, json_array_get(arr, i));
+        pop(ld);
+    }
+    pop(ld);
+}
+
+/* A DNS-style host name: labels of letters, digits, '-' and '_', 1..63
+ * bytes each, 253 in all. */
+static int valid_host_name(const char *h)
+{
+    size_t label = 0, total = strlen(h);
+    if (total == 0 || total > 253)
+        return 0;
+    for (; *h; h++) {
+        if (*h == '.') {
+            if (label == 0)
+                return 0;
+            label = 0;
+        } else if ((*h >= 'a' && *h <= 'z') || (*h >= '0' && *h <= '9') || *h == '-' || *h == '_') {
+            if (++label > 63)
+                return 0;
+        } else {
+            return 0;
+        }
+    }
+    return label > 0;
+}
+
+static void parse_host(struct load *ld, json_t *obj, struct config_route *r)
+{
+    char shown[SHOW_MAX * 2];
+    json_t *v = get_string(ld, obj, "host");
+    if (!v)
+        return;
+    char *h = xstrdup(json_string_value(v));
+    for (char *p = h; *p; p++)
+        if (*p >= 'A' && *p <= 'Z')
+            *p = (char)(*p - 'A' + 'a');
+    size_t n = strlen(h);
+    if (n > 1 && h[n - 1] == '.') /* "example.com." names the same host */
+        h[--n] = '\0';
+    int wild = strncmp(h, "*.", 2) == 0;
+    if (strchr(h, ':') && h[0] != '[') {
+        err_key(ld, "host", "%s: must not include a port (the Host header's port is ignored)",
+                show(ld, v, shown, sizeof(shown)));
+    } else if (strcmp(h, "*") == 0) {
+        err_key(ld, "host", "\"*\" alone is not a pattern; leave \"host\" out to match any host");
+    } else if (!valid_host_name(wild ? h + 2 : h)) {
+        err_key(ld, "host", "%s is not a host name like \"api.example.com\" or \"*.example.com\"",
+                show(ld, v, shown, sizeof(shown)));
+    } else {
+        r->host = h;
+        r->host_wildcard = wild;
+        return;
+    }
+    free(h);
+}
+
+/* Bytes a normalised request path can hold (RFC 3986 pchar and '/'). */
+static int is_path_char(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           (c && strchr("-._~!$&'()*+,;=:@%/", c));
+}
+
+/* Check a path-like value: starts with '/', only URI path bytes.
+ * Returns 0 or -1 after recording a problem at key. */
+static int check_path_chars(struct load *ld, const char *key, const char *p)
+{
+    if (p[0] != '/') {
+        err_key(ld, key, "must start with '/'");
+        return -1;
+    }
+    for (; *p; p++) {
+        if (!is_path_char(*p)) {
+            if (*p == '?' || *p == '#')
+                err_key(ld, key, "must not contain '%c' (routes match the path only)", *p);
+            else
+                err_key(ld, key, "contains a byte that cannot appear in a request path "
+                                 "(percent-encode it)");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void parse_path(struct load *ld, json_t *obj, struct config_route *r)
+{
+    json_t *v = get_string(ld, obj, "path");
+    if (!json_object_get(obj, "path")) {
+        err_key(ld, "path", "required (like \"/api/\")");
+        return;
+    }
+    if (!v)
+        return;
+    const char *p = json_string_value(v);
+    size_t n = strlen(p), outlen = 0;
+    if (check_path_chars(ld, "path", p) < 0)
+        return;
+    char *norm = xmalloc(n + 1);
+    if (uri_normalize_path(p, n, norm, n + 1, &outlen) < 0) {
+        err_key(ld, "path", "is not a valid path (a bad %%-escape, an encoded '/', '\\' or NUL, "
+                            "or \"..\" above the root); no request could match it");
+    } else if (outlen != n || memcmp(norm, p, n) != 0) {
+        struct sbuf s = { 0 };
+        if (!find_note(ld, v))
+            sb_put_escaped(&s, norm, outlen, SHOW_MAX);
+        err_key(ld, "path", "is not a normalised path (no \"//\", \".\" or \"..\" segments, "
+                            "no %%-escapes of unreserved characters, upper-case hex)%s%s%s",
+                s.p ? "; write \"" : "", s.p ? s.p : "", s.p ? "\"" : "");
+        free(s.p);
+    } else {
+        r->path = xstrdup(p);
+        r->path_len = n;
+    }
+    free(norm);
+}
+
+static void parse_respond(struct load *ld, json_t *obj, struct config_route *r)
+{
+    static const char *const known[] = { "status", "body", "content_type", NULL };
+    long long status;
+    if (!json_is_object(obj)) {
+        err(ld, "expected an object like {\"status\": 200, \"body\": \"ok\\n\"}, got %s", type_name(obj));
+        return;
+    }
+    check_keys(ld, obj, known, no_keys);
+    if (!json_object_get(obj, "status"))
+        err_key(ld, "status", "required (200 to 599)");
+    else if (get_int(ld, obj, "status", 200, 599, 0, &status) == 0)
+        r->respond_status = (int)status;
+    json_t *body = get_string(ld, obj, "body");
+    r->respond_body = xstrdup(body ? json_string_value(body) : "");
+    r->respond_body_len = strlen(r->respond_body);
+    if (r->respond_body_len && (r->respond_status == 204 || r->respond_status == 304))
+        err_key(ld, "body", "a %d response cannot have a body", r->respond_status);
+    json_t *ct = get_string(ld, obj, "content_type");
+    if (ct && (json_string_length(ct) == 0 || has_ctl(json_string_value(ct))))
+        err_key(ld, "content_type", "must be a non-empty header value without control characters");
+    r->respond_content_type =
+        xstrdup(ct ? json_string_value(ct) : "text/plain; charset=utf-8");
+}
+
+static void parse_filters(struct load *ld, json_t *obj)
+{
+    json_t *arr = get_typed(ld, obj, "filters", JSON_ARRAY);
+    if (!arr)
+        return;
+    push_key(ld, "filters");
+    for (size_t i = 0; i < json_array_size(arr); i++) {
+        json_t *f = json_array_get(arr, i);
+        push_index(ld, i);
+        if (!json_is_object(f))
+            err(ld, "expected an object like {\"request_id\": {}}, got %s", type_name(f));
+        else if (json_object_size(f) != 1)
+            err(ld, "must have exactly one key, the module name, like {\"request_id\": {}}");
+        else {
+            struct sbuf name = { 0 };
+            const char *key = json_object_iter_key(json_object_iter(f));
+            sb_put_escaped(&name, key, strlen(key), SHOW_MAX);
+            err(ld, "module \"%s\" is not built into this binary", name.p);
+            free(name.p);
+        }
+        pop(ld);
+    }
+    pop(ld);
+}
+
+/* "upstream" or "respond", and what goes only with "upstream". */
+static void parse_target(struct load *ld, json_t *obj, struct config_route *r)
+{
+    char shown[SHOW_MAX * 2];
+    json_t *up = json_object_get(obj, "upstream"), *resp = json_object_get(obj, "respond");
+    if (up && resp) {
+        err(ld, "has both \"upstream\" and \"respond\"; a route either proxies or answers");
+    } else if (!up && !resp) {
+        err(ld, "needs either \"upstream\" (proxy to it) or \"respond\" (answer directly)");
+    } else if (up && (up = get_string(ld, obj, "upstream"))) {
+        r->upstream = config_find_upstream(ld->cfg, json_string_value(up));
+        if (!r->upstream)
+            err_key(ld, "upstream", "no upstream named %s", show(ld, up, shown, sizeof(shown)));
+    } else if (resp) {
+        push_key(ld, "respond");
+        parse_respond(ld, resp, r);
+        pop(ld);
+    }
+
+    json_t *strip = get_string(ld, obj, "strip_prefix");
+    json_t *rewrite = get_string(ld, obj, "prefix_rewrite");
+    if (strip && rewrite)
+        err_key(ld, "prefix_rewrite", "cannot be used together with \"strip_prefix\"");
+    if (resp && strip)
+        err_key(ld, "strip_prefix", "only for routes with \"upstream\"");
+    if (resp && rewrite)
+        err_key(ld, "prefix_rewrite", "only for routes with \"upstream\"");
+    if (strip && check_path_chars(ld, "strip_prefix", json_string_value(strip)) == 0) {
+        const char *s = json_string_value(strip);
+        if (r->path && strncmp(r->path, s, strlen(s)) != 0)
+            err_key(ld, "strip_prefix", "must be a prefix of the route's \"path\"");
+        r->strip_prefix = xstrdup(s);
+    }
+    if (rewrite && check_path_chars(ld, "prefix_rewrite", json_string_value(rewrite)) == 0)
+        r->prefix_rewrite = xstrdup(json_string_value(rewrite));
+}
+
+static void parse_route_name(struct load *ld, json_t *obj, struct config_route *r, size_t i)
+{
+    json_t *v = get_string(ld, obj, "name");
+    if (v && (json_string_length(v) == 0 || json_string_length(v) > 128 ||
+              has_ctl(json_string_value(v)))) {
+        err_key(ld, "name", "must be 1 to 128 characters without control characters");
+        v = NULL;
+    }
+    if (v) {
+        r->name = xstrdup(json_string_value(v));
+    } else {
+        char def[48];
+        snprintf(def, sizeof(def), "routes[%zu]", i);
+        r->name = xstrdup(def);
+    }
+}
+
+static struct config_route *parse_route(struct load *ld, json_t *obj, size_t i)
+{
+    static const char *const known[] = {
+        "name", "host", "path", "exact", "methods", "upstream", "respond",
+        "strip_prefix", "prefix_rewrite", "filters", NULL,
+    };
+    static const char *const later[] = { "websocket", NULL };
+    struct config_route *r = xcalloc(1, sizeof(*r));
+    r->index = i;
+    if (!json_is_object(obj)) {
+        err(ld, "expected an object like {\"path\": \"/\", \"upstream\": \"app\"}, got %s",
+            type_name(obj));
+        parse_route_name(ld, NULL, r, i);
+        return r;
+    }
+    check_keys(ld, obj, known, later);
+    parse_route_name(ld, obj, r, i);
+    parse_host(ld, obj, r);
+    parse_path(ld, obj, r);
+    get_bool(ld, obj, "exact", 0, &r->exact);
+    parse_methods(ld, obj, r);
+    parse_target(ld, obj, r);
+    parse_filters(ld, obj);
+    return r;
+}
+
+static void check_route_names(struct load *ld)
+{
+    struct config *c = ld->cfg;
+    struct sort_item *items = xcalloc(c->nroutes, sizeof(*items));
+    for (size_t i = 0; i < c->nroutes; i++)
+        items[i] = (struct sort_item){ .name = c->routes[i]->name, .index = i };
+    qsort(items, c->nroutes, sizeof(*items), name_item_order);
+    for (size_t k = 1, first = 0; k < c->nroutes; k++) {
+        if (strcmp(items[k].name, items[first].name) != 0) {
+            first = k;
+            continue;
+        }
+        push_index(ld, items[k].index);
+        err_key(ld, "name", "another route has the same name (routes[%zu])", items[first].index);
+        pop(ld);
+    }
+    free(items);
+}
+
+static void parse_routes(struct load *ld, json_t *root)
+{
+    struct config *c = ld->cfg;
+    json_t *arr = get_typed(ld, root, "routes", JSON_ARRAY);
+    if (!json_object_get(root, "routes")) {
+        err_key(ld, "routes", "required (at least one route)");
+        return;
+    }
+    if (!arr)
+        return;
+    if (json_array_size(arr) == 0) {
+        err_key(ld, "routes", "must not be empty");
+        return;
+    }
+    c->routes = xcalloc(json_array_size(arr), sizeof(*c->routes));
+    push_key(ld, "routes");
+    for (size_t i = 0; i < json_array_size(arr); i++) {
+        push_index(ld, i);
+        c->routes[c->nroutes++] = parse_route(ld, json_array_get(arr, i), i);
+        pop(ld);
+    }
+    check_route_names(ld);
+    pop(ld);
+}
+
+static void parse_root(struct load *ld, json_t *root)
+{
+    static const char *const known[] = {
+        "workers", "log_level", "listeners", "limits", "access_log", "trusted_proxies",
+        "via", "upstreams", "routes", NULL,
+    };
+    static const char *const later[] = { "admin", "redis", "jwt_providers", NULL };
+    check_keys(ld, root, known, later);
+    parse_workers(ld, root);
+    parse_log_level(ld, root);
+    parse_listeners(ld, root);
+    parse_limits(ld, root);
+    parse_access_log(ld, root);
+    parse_trusted_proxies(ld, root);
+    get_bool(ld, root, "via", 0, &ld->cfg->via);
+    parse_upstreams(ld, root);
+    parse_routes(ld, root);
+}
+
+/* ------------------------------------------------------------------ */
+/* Pass 4: line numbers. The text parsed fine, so a small scanner can walk
+ * it and note the line where each wanted path's key (or array element)
+ * starts. Any surprise just stops the scan: lines are a help, not a must. */
+
+struct needle {
+    const char *s;    /* a problem's path ... */
+    size_t len;       /* ... cut to this length */
+    int *line;        /* where to store the line found */
+};
+
+struct scan {
+    const char *p, *end;
+    int line, depth;
+    struct sbuf path, key;
+    struct needle *needles;
+    size_t nneedles;
+};
+
+static int needle_cmp(const void *a, const void *b)
+{
+    const struct needle *x = a, *y = b;
+    size_t n = x->len < y->len ? x->len : y->len;
+    int c = memcmp(x->s, y->s, n);
+    return c ? c : (x->len < y->len ? -1 : x->len > y->len);
+}
+
+static void scan_hit(struct scan *sc, int line)
+{
+    struct needle key = { sc->path.p, sc->path.len, NULL };
+    struct needle *hit = bsearch(&key, sc->needles, sc->nneedles, sizeof(key), needle_cmp);
+    if (!hit)
+        return;
+    struct needle *lo = hit, *hi = hit;
+    while (lo > sc->needles && needle_cmp(lo - 1, &key) == 0)
+        lo--;
+    while (hi + 1 < sc->needles + sc->nneedles && needle_cmp(hi + 1, &key) == 0)
+        hi++;
+    for (; lo <= hi; lo++)
+        if (*lo->line == 0)
+            *lo->line = line;
+}
+
+static void scan_ws(struct scan *sc)
+{
+    while (sc->p < sc->end && (*sc->p == ' ' || *sc->p == '\t' || *sc->p == '\r' || *sc->p == '\n')) {
+        if (*sc->p == '\n')
+            sc->line++;
+        sc->p++;
+    }
+}
+
+static int hexval(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+static int scan_hex4(struct scan *sc, unsigned *out)
+{
+    if (sc->end - sc->p < 4)
+        return -1;
+    *out = 0;
+    for (int i = 0; i < 4; i++) {
+        int h = hexval(sc->p[i]);
+        if (h < 0)
+            return -1;
+        *out = *out << 4 | (unsigned)h;
+    }
+    sc->p += 4;
+    return 0;
+}
+
+static void put_utf8(struct sbuf *b, unsigned cp)
+{
+    char u[4];
+    size_t n;
+    if (cp < 0x80) {
+        u[0] = (char)cp, n = 1;
+    } else if (cp < 0x800) {
+        u[0] = (char)(0xc0 | cp >> 6), u[1] = (char)(0x80 | (cp & 0x3f)), n = 2;
+    } else if (cp < 0x10000) {
+        u[0] = (char)(0xe0 | cp >> 12), u[1] = (char)(0x80 | ((cp >> 6) & 0x3f));
+        u[2] = (char)(0x80 | (cp & 0x3f)), n = 3;
+    } else {
+        u[0] = (char)(0xf0 | cp >> 18), u[1] = (char)(0x80 | ((cp >> 12) & 0x3f));
+        u[2] = (char)(0x80 | ((cp >> 6) & 0x3f)), u[3] = (char)(0x80 | (cp & 0x3f)), n = 4;
+    }
+    sb_putn(b, u, n);
+}
+
+/* A string at sc->p (the opening quote); decoded into out when out. */
+static int scan_string(struct scan *sc, struct sbuf *out)
+{
+    sc->p++;
+    while (sc->p < sc->end && *sc->p != '"') {
+        char c = *sc->p++;
+        if (c != '\\') {
+            if (out)
+                sb_putc(out, c);
+            continue;
+        }
+        if (sc->p >= sc->end)
+            return -1;
+        c = *sc->p++;
+        if (c == 'u') {
+            unsigned cp, lo;
+            if (scan_hex4(sc, &cp) < 0)
+                return -1;
+            if (cp >= 0xd800 && cp < 0xdc00) {
+                if (sc->end - sc->p < 2 || sc->p[0] != '\\' || sc->p[1] != 'u')
+                    return -1;
+                sc->p += 2;
+                if (scan_hex4(sc, &lo) < 0 || lo < 0xdc00 || lo > 0xdfff)
+                    return -1;
+                cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
+            }
+            if (out)
+                put_utf8(out, cp);
+        } else if (out) {
+            const char *from = "\"\\/bfnrt", *to = "\"\\/\b\f\n\r\t";
+            const char *f = strchr(from, c);
+            if (!f || !c)
+                return -1;
+            sb_putc(out, to[f - from]);
+        }
+    }
+    if (sc->p >= sc->end)
+        return -1;
+    sc->p++;
+    return 0;
+}
+
+static int scan_value(struct scan *sc);
+
+static int scan_object(struct scan *sc)
+{
+    sc->p++;
+    scan_ws(sc);
+    if (sc->p < sc->end && *sc->p == '}') {
+        sc->p++;
+        return 0;
+    }
+    for (;;) {
+        scan_ws(sc);
+        if (sc->p >= sc->end || *sc->p != '"')
+            return -1;
+        int line = sc->line;
+        sb_truncate(&sc->key, 0);
+        if (scan_string(sc, &sc->key) < 0)
+            return -1;
+        size_t mark = sc->path.len;
+        path_put_key(&sc->path, sc->key.p ? sc->key.p : "", sc->key.len);
+        scan_hit(sc, line);
+        scan_ws(sc);
+        if (sc->p >= sc->end || *sc->p++ != ':' || scan_value(sc) < 0)
+            return -1;
+        sb_truncate(&sc->path, mark);
+        scan_ws(sc);
+        if (sc->p >= sc->end)
+            return -1;
+        char c = *sc->p++;
+        if (c == '}')
+            return 0;
+        if (c != ',')
+            return -1;
+    }
+}
+
+static int scan_array(struct scan *sc)
+{
+    sc->p++;
+    scan_ws(sc);
+    if (sc->p < sc->end && *sc->p == ']') {
+        sc->p++;
+        return 0;
+    }
+    for (size_t i = 0;; i++) {
+        scan_ws(sc);
+        size_t mark = sc->path.len;
+        path_put_index(&sc->path, i);
+        scan_hit(sc, sc->line);
+        if (scan_value(sc) < 0)
+            return -1;
+        sb_truncate(&sc->path, mark);
+        scan_ws(sc);
+        if (sc->p >= sc->end)
+            return -1;
+        char c = *sc->p++;
+        if (c == ']')
+            return 0;
+        if (c != ',')
+            return -1;
+    }
+}
+
+static int scan_value(struct scan *sc)
+{
+    int rc;
+    scan_ws(sc);
+    if (sc->p >= sc->end || sc->depth > 4096)
+        return -1;
+    sc->depth++;
+    if (*sc->p == '{')
+        rc = scan_object(sc);
+    else if (*sc->p == '[')
+        rc = scan_array(sc);
+    else if (*sc->p == '"')
+        rc = scan_string(sc, NULL);
+    else {
+        const char *start = sc->p;
+        while (sc->p < sc->end && !strchr(",]} \t\r\n", *sc->p))
+            sc->p++;
+        rc = sc->p > start ? 0 : -1;
+    }
+    sc->depth--;
+    return rc;
+}
+
+static void find_lines(struct load *ld, const char *text)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < ld->nprobs; i++)
+        n += ld->probs[i].ncuts;
+    if (n == 0)
+        return;
+    struct scan sc = { .p = text, .end = text + strlen(text), .line = 1 };
+    sc.needles = xcalloc(n, sizeof(*sc.needles));
+    for (size_t i = 0; i < ld->nprobs; i++) {
+        struct problem *p = &ld->probs[i];
+        for (size_t k = 0; k < p->ncuts; k++)
+            sc.needles[sc.nneedles++] = (struct needle){ p->path, p->cuts[k], &p->lines[k] };
+    }
+    qsort(sc.needles, sc.nneedles, sizeof(*sc.needles), needle_cmp);
+    sb_reserve(&sc.path, 64);
+    scan_value(&sc);
+    free(sc.needles);
+    free(sc.path.p);
+    free(sc.key.p);
+}
+
+/* ------------------------------------------------------------------ */
+/* Errors out, snapshot lifetime, entry points.                         */
+
+static void errs_add(struct config_errors *e, const char *msg)
+{
+    if (!e)
+        return;
+    e->msgs = xrealloc(e->msgs, (e->n + 1) * sizeof(*e->msgs));
+    e->msgs[e->n++] = xstrdup(msg);
+}
+
+void config_errors_free(struct config_errors *e)
+{
+    if (!e)
+        return;
+    for (size_t i = 0; i < e->n; i++)
+        free(e->msgs[i]);
+    free(e->msgs);
+    e->msgs = NULL;
+    e->n = 0;
+}
+
+static int problem_line(const struct problem *p)
+{
+    for (size_t k = 0; k < p->ncuts; k++)
+        if (p->lines[k])
+            return p->lines[k];
+    return 0;
+}
+
+struct emit_item {
+    int line;         /* INT_MAX when unknown: those go last */
+    size_t index;
+};
+
+static int emit_order(const void *a, const void *b)
+{
+    const struct emit_item *x = a, *y = b;
+    if (x->line != y->line)
+        return x->line < y->line ? -1 : 1;
+    return x->index < y->index ? -1 : x->index > y->index;
+}
+
+/* "path: message (line N)" in the order of the file, with the line of the
+ * path or of its nearest ancestor found in the text. */
+static void emit_problems(struct load *ld, struct config_errors *errs)
+{
+    struct emit_item *order = xcalloc(ld->nprobs, sizeof(*order));
+    for (size_t i = 0; i < ld->nprobs; i++) {
+        int line = problem_line(&ld->probs[i]);
+        order[i] = (struct emit_item){ line ? line : INT_MAX, i };
+    }
+    qsort(order, ld->nprobs, sizeof(*order), emit_order);
+    for (size_t i = 0; i < ld->nprobs; i++) {
+        struct problem *p = &ld->probs[order[i].index];
+        struct sbuf b = { 0 };
+        if (*p->path) {
+            sb_puts(&b, p->path);
+            sb_puts(&b, ": ");
+        }
+        sb_puts(&b, p->msg);
+        if (order[i].line != INT_MAX) {
+            char tmp[32];
+            snprintf(tmp, sizeof(tmp), " (line %d)", order[i].line);
+            sb_puts(&b, tmp);
+        }
+        errs_add(errs, b.p);
+        free(b.p);
+    }
+    free(order);
+    if (ld->dropped) {
+        char tmp[96];
+        snprintf(tmp, sizeof(tmp), "... and %zu more problems", ld->dropped);
+        errs_add(errs, tmp);
+    }
+}
+
+static void load_free(struct load *ld)
+{
+    for (size_t i = 0; i < ld->nprobs; i++) {
+        free(ld->probs[i].path);
+        free(ld->probs[i].msg);
+        free(ld->probs[i].cuts);
+        free(ld->probs[i].lines);
+    }
+    free(ld->probs);
+    for (size_t i = 0; i < ld->ntainted; i++)
+        free(ld->tainted[i]);
+    free(ld->tainted);
+    for (size_t i = 0; i < ld->nnotes; i++)
+        free(ld->notes[i].template);
+    free(ld->notes);
+    free(ld->marks);
+    free(ld->path.p);
+    free(ld->dir);
+}
+
+static void route_free(struct config_route *r)
+{
+    if (!r)
+        return;
+    free(r->name);
+    free(r->host);
+    free(r->path);
+    for (size_t i = 0; i < r->nother_methods; i++)
+        free(r->other_methods[i]);
+    free(r->other_methods);
+    free(r->strip_prefix);
+    free(r->prefix_rewrite);
+    free(r->respond_body);
+    free(r->respond_content_type);
+    free(r);
+}
+
+static void config_free(struct config *c)
+{
+    if (c->router)
+        router_free(c->router);
+    for (size_t i = 0; i < c->nroutes; i++)
+        route_free(c->routes[i]);
+    free(c->routes);
+    for (size_t i = 0; i < c->nupstreams; i++) {
+        for (size_t k = 0; k < c->upstreams[i].nendpoints; k++)
+            free(c->upstreams[i].endpoints[k].address);
+        free(c->upstreams[i].endpoints);
+        free(c->upstreams[i].name);
+    }
+    free(c->upstreams);
+    for (size_t i = 0; i < c->nlisteners; i++)
+        free(c->listeners[i].address);
+    free(c->listeners);
+    free(c->trusted_proxies);
+    free(c->access_log.path);
+    free(c->log_level);
+    free(c->file);
+    json_decref(c->json);
+    free(c);
+}
+
+struct config *config_ref(struct config *c)
+{
+    __atomic_add_fetch(&c->refcount, 1, __ATOMIC_RELAXED);
+    return c;
+}
+
+void config_unref(struct config *c)
+{
+    if (c && __atomic_sub_fetch(&c->refcount, 1, __ATOMIC_ACQ_REL) == 0)
+        config_free(c);
+}
+
+struct config_upstream *config_find_upstream(const struct config *c, const char *name)
+{
+    for (size_t i = 0; i < c->nupstreams; i++)
+        if (strcmp(c->upstreams[i].name, name) == 0)
+            return &c->upstreams[i];
+    return NULL;
+}
+
+static char *dir_of(const char *file)
+{
+    const char *slash = file ? strrchr(file, '/') : NULL;
+    if (!slash)
+        return NULL;
+    return slash == file ? xstrdup("/") : xstrndup(file, (size_t)(slash - file));
+}
+
+struct config *config_load_string(const char *text, const char *file, struct config_errors *errs)
+{
+    json_error_t jerr;
+    json_t *root = json_loads(text, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root) {
+        char msg[256];
+        snprintf(msg, sizeof(msg), "line %d, column %d: %s", jerr.line, jerr.column, jerr.text);
+        errs_add(errs, msg);
+        return NULL;
+    }
+
+    struct load ld = { 0 };
+    struct config *c = xcalloc(1, sizeof(*c));
+    c->refcount = 1;
+    c->file = file ? xstrdup(file) : NULL;
+    c->json = root;
+    ld.cfg = c;
+    ld.dir = dir_of(file);
+
+    if (!json_is_object(root)) {
+        err(&ld, "the configuration must be a JSON object, got %s", type_name(root));
+    } else {
+        subst_walk(&ld, root);
+        if (ld.nnotes)
+            qsort(ld.notes, ld.nnotes, sizeof(*ld.notes), note_cmp);
+        parse_root(&ld, root);
+    }
+    if (ld.nprobs == 0 && ld.dropped == 0) {
+        char why[256] = "";
+        c->router = router_build(c->routes, c->nroutes, why, sizeof(why));
+        if (!c->router)
+            err_key(&ld, "routes", "%s", *why ? why : "cannot build the route table");
+    }
+    if (ld.nprobs || ld.dropped) {
+        find_lines(&ld, text);
+        emit_problems(&ld, errs);
+        config_free(c);
+        c = NULL;
+    }
+    load_free(&ld);
+    return c;
+}
+
+/* Read a whole regular file of at most CONFIG_FILE_MAX bytes into b.
+ * Returns NULL, or a static reason. */
+static const char *read_config_file(const char *file, struct sbuf *b)
+{
+    static __thread char why[160];
+    int fd = open(file, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0) {
+        snprintf(why, sizeof(why), "cannot open: %s", strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return why;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return "not a regular file";
+    }
+    sb_reserve(b, (size_t)st.st_size);
+    for (;;) {
+        sb_reserve(b, 4096);
+        ssize_t r = read(fd, b->p + b->len, b->cap - b->len - 1);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            snprintf(why, sizeof(why), "cannot read: %s", strerror(errno));
+            close(fd);
+            return why;
+        }
+        if (r == 0)
+            break;
+        b->len += (size_t)r;
+        if (b->len > CONFIG_FILE_MAX) {
+            close(fd);
+            return "larger than 16 MiB";
+        }
+    }
+    close(fd);
+    b->p[b->len] = '\0';
+    return memchr(b->p, '\0', b->len) ? "contains a NUL byte" : NULL;
+}
+
+struct config *config_load(const char *file, struct config_errors *errs)
+{
+    struct sbuf b = { 0 };
+    struct config *c = NULL;
+    const char *why = read_config_file(file, &b);
+    if (why)
+        errs_add(errs, why);
+    else
+        c = config_load_string(b.p, file, errs);
+    free(b.p);
+    return c;
+}

@@ -1,1 +1,1375 @@
-/* placeholder: being written */
+/* Client connections: reading request heads, local answers, and the
+ * proxied exchange (request body to the upstream, response back). The
+ * state diagram is in conn.h. */
+#include "conn.h"
+#include "accesslog.h"
+#include "log.h"
+#include "router.h"
+#include "upstream.h"
+#include "uri.h"
+#include "worker.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define LINGER_MS 2000
+#define LINGER_MAX_BYTES (1024 * 1024)
+/* Start the next pipelined request only when the previous answers have
+ * mostly left: bounds the memory a client that does not read can pin. */
+#define OUT_HIGH_WATER 16384
+
+static void conn_pump(struct conn *c);
+static void request_reset(struct conn *c);
+
+static const struct config_limits *limits(const struct conn *c) { return &c->w->cfg->limits; }
+
+static size_t in_cap(const struct config_limits *l)
+{
+    size_t cap = l->max_header_bytes + 1024;
+    return cap < 16384 ? 16384 : cap;
+}
+
+static size_t out_cap(const struct config_limits *l)
+{
+    size_t cap = 2 * l->max_header_bytes + 4096;
+    return cap < 65536 ? 65536 : cap;
+}
+
+/* ---- events and timers ------------------------------------------------ */
+
+static void on_client_event(evutil_socket_t fd, short what, void *arg)
+{
+    struct conn *c = arg;
+    if (what & EV_READ)
+        c->readable = 1;
+    if (what & EV_WRITE)
+        c->writable = 1;
+    conn_pump(c);
+}
+
+static void on_timer(evutil_socket_t fd, short what, void *arg)
+{
+    struct conn *c = arg;
+    c->timer_at_ms = 0;
+    conn_pump(c);
+}
+
+void conn_on_upstream_event(struct conn *c, struct upconn *u, short what)
+{
+    conn_pump(c);
+}
+
+void conn_accept(struct worker *w, int fd, const struct sockaddr *sa, socklen_t salen)
+{
+    struct conn *c = xcalloc(1, sizeof(*c));
+    const struct config_limits *l = &w->cfg->limits;
+    c->w = w;
+    c->fd = fd;
+    memcpy(&c->peer, sa, salen);
+    addr_format_ip(sa, c->peer_ip, sizeof(c->peer_ip));
+    for (size_t i = 0; i < w->cfg->ntrusted_proxies; i++)
+        if (cidr_match(&w->cfg->trusted_proxies[i], sa)) {
+            c->trusted = 1;
+            break;
+        }
+    buf_init(&c->in, in_cap(l));
+    buf_init(&c->out, out_cap(l));
+    arena_init(&c->arena, 8192);
+    c->req.arena = &c->arena;
+    c->state = CS_HEAD;
+    c->writable = 1;
+    c->readable = 1; /* data may already be waiting: try a read at once */
+    c->idle_since_ms = worker_now_ms(w);
+    c->last_write_ms = c->idle_since_ms;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    event_assign(&c->ev, w->base, fd, EV_READ | EV_WRITE | EV_ET | EV_PERSIST, on_client_event, c);
+    event_assign(&c->timer, w->base, -1, 0, on_timer, c);
+    event_add(&c->ev, NULL);
+    c->next = w->conns;
+    if (w->conns)
+        w->conns->prev = c;
+    w->conns = c;
+    w->nconns++;
+    request_reset(c);
+    conn_pump(c);
+}
+
+static void conn_free(struct conn *c)
+{
+    struct worker *w = c->w;
+    if (c->up) {
+        upconn_close(c->up);
+        c->up = NULL;
+    }
+    event_del(&c->ev);
+    event_del(&c->timer);
+    close(c->fd);
+    arena_destroy(&c->arena);
+    buf_free(&c->in);
+    buf_free(&c->out);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        w->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    free(c);
+    worker_conn_closed(w);
+}
+
+/* ---- output ----------------------------------------------------------- */
+
+static size_t out_pending(const struct conn *c) { return buf_len(&c->out) + c->sp_len; }
+
+static const char *span_ptr(const char *sp, const struct buf *src)
+{
+    return src ? buf_head(src) : sp;
+}
+
+/* Write c->out then the span. Returns 1 on progress. */
+static int client_flush(struct conn *c)
+{
+    if (!c->writable || c->dead || out_pending(c) == 0)
+        return 0;
+    struct iovec iov[2];
+    int n = 0;
+    if (buf_len(&c->out)) {
+        iov[n].iov_base = buf_head(&c->out);
+        iov[n++].iov_len = buf_len(&c->out);
+    }
+    if (c->sp_len) {
+        iov[n].iov_base = (void *)span_ptr(c->sp, c->sp_src);
+        iov[n++].iov_len = c->sp_len;
+    }
+    size_t total = out_pending(c);
+    ssize_t wr = writev(c->fd, iov, n);
+    if (wr < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            c->writable = 0;
+            return 0;
+        }
+        if (errno == EINTR)
+            return 1;
+        /* The client is gone: nothing more can be delivered. */
+        c->dead = 1;
+        if (c->req.status == 0 || c->state == CS_REQUEST)
+            c->req.status = c->req.status ? c->req.status : 499;
+        return 1;
+    }
+    size_t w = (size_t)wr;
+    c->req.bytes_out += w;
+    c->last_write_ms = worker_now_ms(c->w);
+    size_t from_out = w < buf_len(&c->out) ? w : buf_len(&c->out);
+    buf_consume(&c->out, from_out);
+    w -= from_out;
+    if (w) {
+        if (c->sp_src)
+            buf_consume(c->sp_src, w);
+        else
+            c->sp += w;
+        c->sp_len -= w;
+    }
+    if (c->sp_len == 0) {
+        c->sp = NULL;
+        c->sp_src = NULL;
+    }
+    if ((size_t)wr < total)
+        c->writable = 0;
+    return 1;
+}
+
+/* ---- local answers ------------------------------------------------------ */
+
+static int method_is_head(const struct conn *c) { return c->req.head.method == HTTP_M_HEAD; }
+
+/* Queue a complete local answer. body may point at memory that outlives
+ * the request (config); it is written from there without a copy when
+ * large. extra: preformatted header lines ("Name: value\r\n") or NULL. */
+static void respond(struct conn *c, int status, const char *ctype, const char *body, size_t blen,
+                    const char *extra)
+{
+    struct request *r = &c->req;
+    char head[1024];
+    if (!r->keepalive)
+        c->close_after = 1;
+    const char *conn_hdr = "";
+    if (c->close_after)
+        conn_hdr = "Connection: close\r\n";
+    else if (r->head.minor == 0)
+        conn_hdr = "Connection: keep-alive\r\n";
+    int n = snprintf(head, sizeof(head),
+                     "HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s%s\r\n",
+                     status, http_status_reason(status), worker_date(c->w), ctype, blen,
+                     extra ? extra : "", conn_hdr);
+    if (n < 0 || (size_t)n >= sizeof(head))
+        die("local response head too long");
+    buf_append(&c->out, head, (size_t)n);
+    if (!method_is_head(c) && blen) {
+        if (blen <= 4096 && buf_can_append(&c->out, blen)) {
+            buf_append(&c->out, body, blen);
+        } else {
+            c->sp = body;
+            c->sp_src = NULL;
+            c->sp_len = blen;
+        }
+    }
+    r->status = status;
+    r->resp_started = 1;
+    r->rs = RS_LOCAL;
+    c->state = CS_REQUEST;
+}
+
+static void respond_error(struct conn *c, int status, const char *extra)
+{
+    char body[160];
+    int n = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"status\":%d}\n",
+                     http_status_reason(status), status);
+    /* Framing errors, and answers given while the body may still be on
+     * its way, end the connection: what follows cannot be trusted. */
+    if (c->req.has_body && c->req.rb != RB_DONE)
+        c->req.keepalive = 0;
+    if (!c->req.keepalive)
+        c->linger_needed = 1;
+    /* The body lives on this stack frame: it must be copied. */
+    struct request *r = &c->req;
+    char head[1024];
+    if (!r->keepalive)
+        c->close_after = 1;
+    const char *conn_hdr = c->close_after ? "Connection: close\r\n"
+                           : r->head.minor == 0 ? "Connection: keep-alive\r\n" : "";
+    int h = snprintf(head, sizeof(head),
+                     "HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: application/json\r\n"
+                     "Content-Length: %d\r\n%s%s\r\n",
+                     status, http_status_reason(status), worker_date(c->w), n, extra ? extra : "",
+                     conn_hdr);
+    buf_append(&c->out, head, (size_t)h);
+    if (!method_is_head(c))
+        buf_append(&c->out, body, (size_t)n);
+    r->status = status;
+    r->resp_started = 1;
+    r->rs = RS_LOCAL;
+    c->state = CS_REQUEST;
+}
+
+/* ---- request lifecycle ------------------------------------------------ */
+
+static void request_reset(struct conn *c)
+{
+    struct request *r = &c->req;
+    arena_reset(&c->arena);
+    memset(r, 0, sizeof(*r));
+    r->arena = &c->arena;
+    r->head.max_headers_cap = limits(c)->max_headers;
+    r->head.headers = arena_alloc(&c->arena, sizeof(struct http_header) * r->head.max_headers_cap);
+    c->scanned = 0;
+    c->head_start_ms = 0;
+}
+
+static void request_log(struct conn *c)
+{
+    struct request *r = &c->req;
+    if (c->w->log_fd < 0 || !r->method)
+        return;
+    struct accesslog_entry e = {
+        .client = c->peer_ip,
+        .method = r->method,
+        .host = r->host ? r->host : "",
+        .path = r->path ? r->path : "",
+        .path_len = r->path ? r->path_len : 0,
+        .status = r->status,
+        .bytes_in = r->bytes_in,
+        .bytes_out = r->bytes_out,
+        .duration_us = now_us() - r->start_us,
+        .upstream_us = r->up_start_us ? (r->up_end_us ? r->up_end_us : now_us()) - r->up_start_us : 0,
+        .has_upstream = r->up_start_us != 0,
+        .route = r->route ? r->route->name : NULL,
+        .endpoint = r->ep ? r->ep->address : NULL,
+    };
+    char line[12288]; /* fits the longest entry accesslog_format can make */
+    size_t n = accesslog_format(&e, line, sizeof(line));
+    worker_log_line(c->w, line, n);
+}
+
+/* The exchange is over: log it, give the upstream connection back, and
+ * go on with the next request or towards closing. */
+static void request_finish(struct conn *c)
+{
+    struct request *r = &c->req;
+    if (c->up) {
+        if (r->rs == RS_DONE && (r->rb == RB_DONE || r->rb == RB_NONE) && !r->resp.conn_close &&
+            c->up->state == UP_ACTIVE)
+            upconn_release(c->up);
+        else
+            upconn_close(c->up);
+        c->up = NULL;
+    }
+    request_log(c);
+    int keep = r->keepalive && !c->close_after && !worker_draining(c->w);
+    request_reset(c);
+    if (keep) {
+        c->state = CS_HEAD;
+        c->idle_since_ms = worker_now_ms(c->w);
+        c->readable = 1; /* pipelined bytes may be waiting in the socket */
+    } else {
+        c->close_after = 1;
+        c->state = CS_LINGER;
+    }
+}
+
+/* ---- reading ---------------------------------------------------------- */
+
+static int client_read(struct conn *c)
+{
+    if (!c->readable || c->eof || c->dead)
+        return 0;
+    if (c->state == CS_LINGER) {
+        char sink[16384];
+        ssize_t n = read(c->fd, sink, sizeof(sink));
+        if (n > 0) {
+            c->req.bytes_in += (size_t)n;
+            if (c->req.bytes_in > LINGER_MAX_BYTES)
+                c->dead = 1;
+            return 1;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            c->readable = 0;
+            return 0;
+        }
+        c->eof = 1;
+        return 1;
+    }
+    size_t space = buf_make_room(&c->in);
+    if (space == 0)
+        return 0;
+    ssize_t n = read(c->fd, c->in.data + c->in.end, space);
+    if (n > 0) {
+        c->in.end += (size_t)n;
+        c->req.bytes_in += (size_t)n;
+        if ((size_t)n < space)
+            c->readable = 0;
+        return 1;
+    }
+    if (n == 0) {
+        c->eof = 1;
+        c->readable = 0;
+        return 1;
+    }
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        c->readable = 0;
+        return 0;
+    }
+    if (errno == EINTR)
+        return 1;
+    c->eof = 1;
+    c->readable = 0;
+    return 1;
+}
+
+/* ---- head handling ------------------------------------------------------ */
+
+static char *lower_dup(struct arena *a, const char *s, size_t n)
+{
+    char *p = arena_alloc(a, n + 1);
+    for (size_t i = 0; i < n; i++)
+        p[i] = (s[i] >= 'A' && s[i] <= 'Z') ? (char)(s[i] + 32) : s[i];
+    p[n] = '\0';
+    return p;
+}
+
+static const struct http_header *find_header(const struct http_request *h, const char *name)
+{
+    for (size_t i = 0; i < h->nheaders; i++)
+        if (http_token_eq(h->headers[i].name.p, h->headers[i].name.len, name))
+            return &h->headers[i];
+    return NULL;
+}
+
+/* Methods a path allows, for the Allow header of a 405. Slow path only. */
+static void allow_header(struct conn *c, const char *host, size_t hlen, char *out, size_t cap)
+{
+    static const struct { enum http_method m; const char *s; } ms[] = {
+        { HTTP_M_GET, "GET" },       { HTTP_M_HEAD, "HEAD" },   { HTTP_M_POST, "POST" },
+        { HTTP_M_PUT, "PUT" },       { HTTP_M_DELETE, "DELETE" }, { HTTP_M_OPTIONS, "OPTIONS" },
+        { HTTP_M_PATCH, "PATCH" },   { HTTP_M_TRACE, "TRACE" },
+    };
+    size_t n = (size_t)snprintf(out, cap, "Allow: ");
+    int first = 1;
+    for (size_t i = 0; i < sizeof(ms) / sizeof(ms[0]); i++) {
+        const struct config_route *rt;
+        struct http_str ms_str = { ms[i].s, strlen(ms[i].s) };
+        if (router_match(c->w->cfg->router, host, hlen, c->req.path, c->req.path_len, ms[i].m,
+                         &ms_str, &rt) == ROUTER_MATCH) {
+            n += (size_t)snprintf(out + n, cap - n, "%s%s", first ? "" : ", ", ms[i].s);
+            first = 0;
+        }
+        if (n >= cap - 16)
+            break;
+    }
+    snprintf(out + n, cap - n, "\r\n");
+}
+
+static void start_proxy(struct conn *c);
+
+/* A complete head is at the front of c->in: decide what to do with it. */
+static void request_begin(struct conn *c, size_t head_len)
+{
+    struct request *r = &c->req;
+    struct http_request *h = &r->head;
+    const struct config_limits *l = limits(c);
+    r->head_len = head_len;
+    r->method = arena_strndup(&c->arena, h->method_str.p, h->method_str.len);
+    r->keepalive = !h->conn_close && !worker_draining(c->w);
+    r->has_body = h->chunked || h->content_length > 0;
+    r->rb = h->chunked ? RB_CHUNKED : h->content_length > 0 ? RB_LENGTH : RB_NONE;
+    r->rb_left = h->content_length > 0 ? (uint64_t)h->content_length : 0;
+
+    struct uri_target t;
+    if (uri_parse_target(h->target.p, h->target.len, &t) < 0) {
+        r->keepalive = 0;
+        respond_error(c, 400, NULL);
+        return;
+    }
+    const char *host = h->host.p;
+    size_t hlen = h->host.len;
+    if (t.authority) {
+        host = t.authority;
+        hlen = t.authority_len;
+        r->authority = arena_strndup(&c->arena, t.authority, t.authority_len);
+        r->authority_len = t.authority_len;
+    }
+    r->host = lower_dup(&c->arena, host, hlen);
+    if (t.asterisk) {
+        r->path = "*";
+        r->path_len = 1;
+        respond(c, 200, "text/plain", "", 0, "Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n");
+        return;
+    }
+    char *np = arena_alloc(&c->arena, t.path_len + 1);
+    size_t nlen;
+    if (uri_normalize_path(t.path, t.path_len, np, t.path_len + 1, &nlen) < 0) {
+        r->path = arena_strndup(&c->arena, t.path, t.path_len);
+        r->path_len = t.path_len;
+        respond_error(c, 400, NULL);
+        return;
+    }
+    np[nlen] = '\0';
+    r->path = np;
+    r->path_len = nlen;
+    if (t.query) {
+        r->query = arena_strndup(&c->arena, t.query, t.query_len);
+        r->query_len = t.query_len;
+    }
+    if (l->max_body_bytes && h->content_length > 0 &&
+        (uint64_t)h->content_length > l->max_body_bytes) {
+        r->keepalive = 0;
+        respond_error(c, 413, NULL);
+        return;
+    }
+    const struct http_header *expect = find_header(h, "expect");
+    if (expect && !h->expect_continue) {
+        respond_error(c, 417, NULL);
+        return;
+    }
+
+    const struct config_route *rt = NULL;
+    enum router_result rr = router_match(c->w->cfg->router, r->host, hlen, r->path, r->path_len,
+                                         h->method, &h->method_str, &rt);
+    if (rr == ROUTER_NOT_FOUND) {
+        respond_error(c, 404, NULL);
+        return;
+    }
+    if (rr == ROUTER_METHOD_NOT_ALLOWED) {
+        char allow[256];
+        allow_header(c, r->host, hlen, allow, sizeof(allow));
+        respond_error(c, 405, allow);
+        return;
+    }
+    r->route = rt;
+    if (!rt->upstream) {
+        if (r->has_body) {
+            r->keepalive = 0;
+            c->linger_needed = 1;
+        }
+        respond(c, rt->respond_status, rt->respond_content_type, rt->respond_body,
+                rt->respond_body_len, NULL);
+        return;
+    }
+    start_proxy(c);
+}
+
+static int handle_head(struct conn *c)
+{
+    struct request *r = &c->req;
+    if (buf_len(&c->out) > OUT_HIGH_WATER || c->sp_len)
+        return 0; /* earlier answers still leaving: back-pressure on pipelining */
+    if (buf_len(&c->in) == 0) {
+        if (c->eof)
+            c->dead = 1;
+        if (worker_draining(c->w))
+            c->dead = 1;
+        return c->dead;
+    }
+    if (!c->head_start_ms) {
+        c->head_start_ms = worker_now_ms(c->w);
+        r->start_us = now_us();
+    }
+    struct http_parse_limits pl = {
+        .max_head_bytes = limits(c)->max_header_bytes,
+        .max_headers = limits(c)->max_headers,
+        .max_target_bytes = limits(c)->max_uri_bytes,
+    };
+    int rc = http_parse_request(buf_head(&c->in), buf_len(&c->in), &c->scanned, &pl, &r->head);
+    if (rc == 0) {
+        if (c->eof)
+            c->dead = 1; /* closed mid-head: nobody to answer */
+        return c->dead;
+    }
+    if (rc < 0) {
+        log_debug("client %s: request refused (%d): %s", c->peer_ip, -rc, http_last_error());
+        r->keepalive = 0;
+        r->method = "-";
+        c->linger_needed = 1;
+        buf_consume(&c->in, buf_len(&c->in));
+        respond_error(c, -rc, NULL);
+        return 1;
+    }
+    request_begin(c, (size_t)rc);
+    if (!r->head_consumed)
+        buf_consume(&c->in, r->head_len);
+    if (r->rs == RS_LOCAL) {
+        /* A body we did not read ends the connection (keepalive is off). */
+        if (r->has_body) {
+            c->linger_needed = 1;
+            buf_consume(&c->in, buf_len(&c->in));
+        }
+    }
+    return 1;
+}
+
+/* ---- proxying ----------------------------------------------------------- */
+
+static void upstream_gone(struct conn *c, int status, const char *why);
+
+/* The client left mid-exchange: cancel the upstream request. */
+static void client_gone(struct conn *c)
+{
+    if (c->up) {
+        upconn_close(c->up);
+        c->up = NULL;
+    }
+    c->req.status = 499;
+    c->dead = 1;
+}
+
+static void start_proxy(struct conn *c)
+{
+    struct request *r = &c->req;
+    const struct config_upstream *up = r->route->upstream;
+    struct worker *w = c->w;
+    size_t idx = w->rr[up->index]++ % up->nendpoints;
+    struct pool *p = &w->pools[up->index][idx];
+    r->ep = p->ep;
+    c->state = CS_REQUEST;
+    r->rs = RS_WAIT_HEAD;
+    r->up_start_us = now_us();
+    r->rb_start_ms = worker_now_ms(w);
+    r->up_activity_ms = r->rb_start_ms;
+    http_chunked_init(&r->rb_chunk);
+    http_chunked_init(&r->rs_chunk);
+    const struct config_limits *l = limits(c);
+    c->up = upconn_get(p, c, in_cap(l) * 2, out_cap(l));
+    if (!c->up) {
+        log_warn("upstream %s (%s): cannot connect: %s", up->name, p->ep->address, strerror(errno));
+        upstream_gone(c, 502, "connect");
+        return;
+    }
+    if (c->up->state == UP_CONNECTING)
+        r->up_connect_deadline_ms = r->rb_start_ms + (uint64_t)up->connect_timeout_ms;
+    c->up->requests++;
+    size_t before = buf_len(&c->up->out);
+    proxy_build_request(c, &c->up->out);
+    /* Keep a copy for one retry on a fresh connection if this pooled one
+     * turns out to be dead: only for requests without a body. */
+    if (c->up->reused && r->rb == RB_NONE) {
+        r->up_head_len = buf_len(&c->up->out) - before;
+        r->up_head = arena_alloc(&c->arena, r->up_head_len);
+        memcpy(r->up_head, buf_head(&c->up->out) + before, r->up_head_len);
+    }
+    buf_consume(&c->in, r->head_len);
+    r->head_consumed = 1;
+    if (r->head.expect_continue && r->has_body && buf_len(&c->in) == 0 && r->head.minor == 1) {
+        static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        buf_append(&c->out, cont, sizeof(cont) - 1);
+    }
+}
+
+/* The upstream exchange failed before or during the response. */
+static void upstream_gone(struct conn *c, int status, const char *why)
+{
+    struct request *r = &c->req;
+    struct upconn *u = c->up;
+    /* A reused connection the upstream had closed: replay once on a new
+     * connection, when nothing of the response has arrived and the
+     * request has no body to replay. */
+    if (u && u->reused && !r->retried && r->up_head && r->rs == RS_WAIT_HEAD &&
+        buf_len(&u->in) == 0 && status == 502) {
+        struct pool *p = u->pool;
+        upconn_close(u);
+        c->up = NULL;
+        r->retried = 1;
+        /* Skip the other idle ones: they are likely as stale. */
+        pool_close_all(p);
+        const struct config_limits *l = limits(c);
+        c->up = upconn_get(p, c, in_cap(l) * 2, out_cap(l));
+        if (c->up) {
+            c->up->requests++;
+            r->up_connect_deadline_ms = worker_now_ms(c->w) + (uint64_t)p->up->connect_timeout_ms;
+            buf_append(&c->up->out, r->up_head, r->up_head_len);
+            log_debug("retrying on a new connection to %s after %s", p->ep->address, why);
+            return;
+        }
+    }
+    r->up_end_us = now_us();
+    if (!r->resp_started && c->up) {
+        upconn_close(c->up);
+        c->up = NULL;
+    }
+    if (!r->resp_started) {
+        log_warn("upstream %s (%s): %s: answering %d", r->route->upstream->name,
+                 r->ep ? r->ep->address : "-", why, status);
+        if (r->rb != RB_DONE && r->rb != RB_NONE)
+            r->keepalive = 0;
+        /* What remains of the request body in c->in cannot be parsed as a
+         * request: with keepalive off it is dropped. */
+        if (!r->keepalive)
+            buf_consume(&c->in, buf_len(&c->in));
+        respond_error(c, status, NULL);
+    } else {
+        log_warn("upstream %s (%s): %s after the response started: closing the client connection",
+                 r->route->upstream->name, r->ep ? r->ep->address : "-", why);
+        /* The upconn stays with us until the conn is freed: the bytes
+         * still to be written to the client may live in its buffer. */
+        r->rs = RS_ABORT;
+        r->keepalive = 0;
+        c->close_after = 1;
+    }
+}
+
+static int upstream_connect_check(struct conn *c)
+{
+    struct upconn *u = c->up;
+    if (!u || u->state != UP_CONNECTING || !u->writable)
+        return 0;
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(u->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        err = errno;
+    if (err == EINPROGRESS || err == EALREADY) {
+        u->writable = 0;
+        return 0;
+    }
+    if (err) {
+        errno = err;
+        char why[128];
+        snprintf(why, sizeof(why), "connect: %s", strerror(err));
+        upstream_gone(c, 502, why);
+        return 1;
+    }
+    u->state = UP_ACTIVE;
+    c->req.up_connect_deadline_ms = 0;
+    return 1;
+}
+
+static int upstream_flush(struct conn *c)
+{
+    struct upconn *u = c->up;
+    if (!u || u->state != UP_ACTIVE || !u->writable)
+        return 0;
+    size_t olen = buf_len(&u->out);
+    if (olen + u->span_len == 0)
+        return 0;
+    struct iovec iov[2];
+    int n = 0;
+    if (olen) {
+        iov[n].iov_base = buf_head(&u->out);
+        iov[n++].iov_len = olen;
+    }
+    if (u->span_len) {
+        iov[n].iov_base = buf_head(u->span_src);
+        iov[n++].iov_len = u->span_len;
+    }
+    ssize_t wr = writev(u->fd, iov, n);
+    if (wr < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            u->writable = 0;
+            return 0;
+        }
+        if (errno == EINTR)
+            return 1;
+        char why[128];
+        snprintf(why, sizeof(why), "write: %s", strerror(errno));
+        /* The upstream may have answered before closing: read that first. */
+        if (buf_len(&u->in) == 0 || c->req.rs == RS_WAIT_HEAD) {
+            upstream_gone(c, 502, why);
+            return 1;
+        }
+        return 0;
+    }
+    size_t w = (size_t)wr;
+    size_t from_out = w < olen ? w : olen;
+    buf_consume(&u->out, from_out);
+    w -= from_out;
+    if (w) {
+        buf_consume(u->span_src, w);
+        u->span_len -= w;
+    }
+    if (buf_len(&u->out) + u->span_len > 0)
+        u->writable = 0;
+    c->req.up_activity_ms = worker_now_ms(c->w);
+    return 1;
+}
+
+static int upstream_read(struct conn *c, int *eof)
+{
+    struct upconn *u = c->up;
+    *eof = 0;
+    if (!u || u->state != UP_ACTIVE || !u->readable)
+        return 0;
+    size_t space = buf_make_room(&u->in);
+    if (space == 0)
+        return 0;
+    ssize_t n = read(u->fd, u->in.data + u->in.end, space);
+    if (n > 0) {
+        u->in.end += (size_t)n;
+        if ((size_t)n < space)
+            u->readable = 0;
+        c->req.up_activity_ms = worker_now_ms(c->w);
+        return 1;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        u->readable = 0;
+        return 0;
+    }
+    if (n < 0 && errno == EINTR)
+        return 1;
+    u->readable = 0;
+    *eof = n < 0 ? -1 : 1;
+    return 1;
+}
+
+/* Append "<hex>\r\n<data>\r\n" to out. */
+static void put_chunk(struct buf *out, const char *data, size_t len)
+{
+    char sz[24];
+    int n = snprintf(sz, sizeof(sz), "%zx\r\n", len);
+    buf_append(out, sz, (size_t)n);
+    buf_append(out, data, len);
+    buf_append(out, "\r\n", 2);
+}
+
+/* Free room in a sink buffer, counting what compaction gains. */
+static size_t room(const struct buf *b) { return b->cap - buf_len(b); }
+
+/* Move request body bytes from c->in towards the upstream. */
+static int request_body_feed(struct conn *c)
+{
+    struct request *r = &c->req;
+    struct upconn *u = c->up;
+    const struct config_limits *l = limits(c);
+    if (!u)
+        return 0;
+    switch (r->rb) {
+    case RB_NONE:
+    case RB_DONE:
+        return 0;
+    case RB_FLUSH:
+        if (buf_len(&u->out) == 0 && u->span_len == 0) {
+            r->rb = RB_DONE;
+            r->up_activity_ms = worker_now_ms(c->w);
+            return 1;
+        }
+        return 0;
+    case RB_LENGTH: {
+        int progress = 0;
+        size_t avail = buf_len(&c->in) - u->span_len;
+        size_t add = avail < r->rb_left ? avail : (size_t)r->rb_left;
+        if (add) {
+            u->span_src = &c->in;
+            u->span_len += add;
+            r->rb_left -= add;
+            r->rb_total += add;
+            progress = 1;
+        }
+        if (r->rb_left == 0) {
+            r->rb = RB_FLUSH;
+            progress = 1;
+        } else if (c->eof) {
+            client_gone(c);
+            return 1;
+        }
+        return progress;
+    }
+    case RB_CHUNKED: {
+        int progress = 0;
+        while (buf_len(&c->in) && room(&u->out) > 64) {
+            size_t view = buf_len(&c->in);
+            if (view > room(&u->out) - 40)
+                view = room(&u->out) - 40;
+            size_t consumed = 0;
+            const char *data;
+            size_t dlen;
+            int rc = http_chunked_decode(&r->rb_chunk, buf_head(&c->in), view, &consumed, &data, &dlen);
+            if (rc == HTTP_CHUNK_ERROR) {
+                log_debug("client %s: bad chunked body: %s", c->peer_ip, http_last_error());
+                r->keepalive = 0;
+                c->linger_needed = 1;
+                buf_consume(&c->in, buf_len(&c->in));
+                if (c->up) {
+                    upconn_close(c->up);
+                    c->up = NULL;
+                }
+                if (!r->resp_started)
+                    respond_error(c, 400, NULL);
+                else
+                    c->dead = 1;
+                return 1;
+            }
+            if (rc == HTTP_CHUNK_DATA) {
+                r->rb_total += dlen;
+                if (l->max_body_bytes && r->rb_total > l->max_body_bytes) {
+                    r->keepalive = 0;
+                    c->linger_needed = 1;
+                    buf_consume(&c->in, buf_len(&c->in));
+                    upconn_close(c->up);
+                    c->up = NULL;
+                    if (!r->resp_started)
+                        respond_error(c, 413, NULL);
+                    else
+                        c->dead = 1;
+                    return 1;
+                }
+                put_chunk(&u->out, data, dlen);
+            } else if (rc == HTTP_CHUNK_TRAILER) {
+                if (!r->rb_last_chunk) {
+                    buf_append(&u->out, "0\r\n", 3);
+                    r->rb_last_chunk = 1;
+                }
+                buf_append(&u->out, data, dlen);
+                buf_append(&u->out, "\r\n", 2);
+            } else if (rc == HTTP_CHUNK_DONE) {
+                if (!r->rb_last_chunk)
+                    buf_append(&u->out, "0\r\n", 3);
+                buf_append(&u->out, "\r\n", 2);
+                buf_consume(&c->in, consumed);
+                r->rb = RB_FLUSH;
+                return 1;
+            }
+            buf_consume(&c->in, consumed);
+            if (consumed)
+                progress = 1;
+            if (rc == HTTP_CHUNK_MORE)
+                break;
+        }
+        if (r->rb == RB_CHUNKED && c->eof && !progress) {
+            client_gone(c);
+            return 1;
+        }
+        return progress;
+    }
+    }
+    return 0;
+}
+
+/* Parse the response head at the front of u->in and queue ours. */
+static int response_head(struct conn *c)
+{
+    struct request *r = &c->req;
+    struct upconn *u = c->up;
+    const struct config_limits *l = limits(c);
+    if (buf_len(&u->in) == 0)
+        return 0;
+    if (buf_len(&c->out) + c->sp_len > OUT_HIGH_WATER)
+        return 0;
+    if (!r->resp.headers) {
+        r->resp.max_headers_cap = l->max_headers;
+        r->resp.headers = arena_alloc(&c->arena, sizeof(struct http_header) * l->max_headers);
+    }
+    struct http_parse_limits pl = {
+        .max_head_bytes = l->max_header_bytes,
+        .max_headers = l->max_headers,
+        .max_target_bytes = l->max_uri_bytes,
+    };
+    size_t scanned = 0;
+    int rc = http_parse_response(buf_head(&u->in), buf_len(&u->in), &scanned, &pl, &r->resp);
+    if (rc == 0)
+        return 0;
+    if (rc < 0) {
+        char why[160];
+        snprintf(why, sizeof(why), "invalid response: %s", http_last_error());
+        upstream_gone(c, 502, why);
+        return 1;
+    }
+    if (r->resp.status < 200) {
+        /* 1xx: interim answers are not relayed (we took Expect off the
+         * request); 101 would switch protocols, which the core does not do. */
+        if (r->resp.status == 101) {
+            upstream_gone(c, 502, "unexpected 101 Switching Protocols");
+            return 1;
+        }
+        buf_consume(&u->in, (size_t)rc);
+        memset(&r->resp, 0, sizeof(r->resp));
+        return 1;
+    }
+    enum http_body_kind kind = http_response_body_kind(&r->resp, r->head.method);
+    r->status = r->resp.status;
+    r->out_chunked = 0;
+    if (kind == HTTP_BODY_CHUNKED || kind == HTTP_BODY_UNTIL_CLOSE) {
+        if (r->head.minor == 1)
+            r->out_chunked = 1;
+        else
+            r->keepalive = 0; /* a 1.0 client learns the end from the close */
+    }
+    if (worker_draining(c->w))
+        r->keepalive = 0;
+    if (!r->keepalive)
+        c->close_after = 1;
+    proxy_build_response(c, &r->resp, (int)kind);
+    buf_consume(&u->in, (size_t)rc);
+    r->resp_started = 1;
+    switch (kind) {
+    case HTTP_BODY_NONE:
+        r->rs = RS_DONE;
+        break;
+    case HTTP_BODY_LENGTH:
+        r->rs_left = (uint64_t)r->resp.content_length;
+        r->rs = r->rs_left ? RS_BODY_LENGTH : RS_DONE;
+        break;
+    case HTTP_BODY_CHUNKED:
+        r->rs = RS_BODY_CHUNKED;
+        break;
+    case HTTP_BODY_UNTIL_CLOSE:
+        r->rs = RS_BODY_CLOSE;
+        break;
+    }
+    if (r->rs == RS_DONE)
+        r->up_end_us = now_us();
+    return 1;
+}
+
+/* Move response body bytes from u->in towards the client. */
+static int response_body_feed(struct conn *c, int up_eof)
+{
+    struct request *r = &c->req;
+    struct upconn *u = c->up;
+    int progress = 0;
+    switch (r->rs) {
+    case RS_BODY_LENGTH: {
+        if (c->sp_len && c->sp_src != &u->in)
+            return 0;
+        size_t avail = buf_len(&u->in) - c->sp_len;
+        size_t add = avail < r->rs_left ? avail : (size_t)r->rs_left;
+        if (add) {
+            c->sp_src = &u->in;
+            c->sp = NULL;
+            c->sp_len += add;
+            r->rs_left -= add;
+            progress = 1;
+        }
+        if (r->rs_left == 0) {
+            r->rs = RS_DONE;
+            r->up_end_us = now_us();
+            progress = 1;
+        } else if (up_eof) {
+            upstream_gone(c, 502, "upstream closed before the end of the body");
+            progress = 1;
+        }
+        return progress;
+    }
+    case RS_BODY_CHUNKED:
+        while (buf_len(&u->in) && room(&c->out) > 64) {
+            size_t view = buf_len(&u->in);
+            if (view > room(&c->out) - 40)
+                view = room(&c->out) - 40;
+            size_t consumed = 0;
+            const char *data;
+            size_t dlen;
+            int rc = http_chunked_decode(&r->rs_chunk, buf_head(&u->in), view, &consumed, &data, &dlen);
+            if (rc == HTTP_CHUNK_ERROR) {
+                upstream_gone(c, 502, "invalid chunked body");
+                return 1;
+            }
+            if (rc == HTTP_CHUNK_DATA) {
+                if (r->out_chunked)
+                    put_chunk(&c->out, data, dlen);
+                else
+                    buf_append(&c->out, data, dlen);
+            } else if (rc == HTTP_CHUNK_TRAILER) {
+                if (r->out_chunked) {
+                    if (!r->rs_last_chunk) {
+                        buf_append(&c->out, "0\r\n", 3);
+                        r->rs_last_chunk = 1;
+                    }
+                    buf_append(&c->out, data, dlen);
+                    buf_append(&c->out, "\r\n", 2);
+                }
+            } else if (rc == HTTP_CHUNK_DONE) {
+                if (r->out_chunked) {
+                    if (!r->rs_last_chunk)
+                        buf_append(&c->out, "0\r\n", 3);
+                    buf_append(&c->out, "\r\n", 2);
+                }
+                buf_consume(&u->in, consumed);
+                r->rs = RS_DONE;
+                r->up_end_us = now_us();
+                return 1;
+            }
+            buf_consume(&u->in, consumed);
+            if (consumed)
+                progress = 1;
+            if (rc == HTTP_CHUNK_MORE)
+                break;
+        }
+        if (up_eof && r->rs == RS_BODY_CHUNKED) {
+            upstream_gone(c, 502, "upstream closed before the end of the chunked body");
+            return 1;
+        }
+        return progress;
+    case RS_BODY_CLOSE:
+        if (r->out_chunked) {
+            while (buf_len(&u->in) && room(&c->out) > 64) {
+                size_t n = buf_len(&u->in);
+                if (n > room(&c->out) - 40)
+                    n = room(&c->out) - 40;
+                put_chunk(&c->out, buf_head(&u->in), n);
+                buf_consume(&u->in, n);
+                progress = 1;
+            }
+        } else if (!c->sp_len || c->sp_src == &u->in) {
+            size_t add = buf_len(&u->in) - c->sp_len;
+            if (add) {
+                c->sp_src = &u->in;
+                c->sp = NULL;
+                c->sp_len += add;
+                progress = 1;
+            }
+        }
+        if (up_eof && buf_len(&u->in) == 0) {
+            if (r->out_chunked)
+                buf_append(&c->out, "0\r\n\r\n", 5);
+            r->rs = RS_DONE;
+            r->up_end_us = now_us();
+            /* The connection ended the body: it cannot be reused. */
+            upconn_close(c->up);
+            c->up = NULL;
+            return 1;
+        }
+        return progress;
+    default:
+        return 0;
+    }
+}
+
+static int request_step(struct conn *c)
+{
+    struct request *r = &c->req;
+    int progress = 0;
+    if (r->rs == RS_LOCAL) {
+        if (c->sp_len == 0) {
+            r->rs = RS_DONE;
+            progress = 1;
+        }
+    } else if (r->rs != RS_DONE && r->rs != RS_ABORT) {
+        if (c->eof && (r->rb == RB_DONE || r->rb == RB_NONE || r->rb == RB_FLUSH)) {
+            /* The client left while we waited on the upstream: cancel. */
+            client_gone(c);
+            return 1;
+        }
+        progress |= upstream_connect_check(c);
+        if (r->rs == RS_LOCAL || !c->up)
+            return 1;
+        progress |= request_body_feed(c);
+        if (!c->up || c->dead || r->rs == RS_LOCAL)
+            return 1;
+        progress |= upstream_flush(c);
+        if (!c->up || r->rs == RS_LOCAL)
+            return 1;
+        int eof = 0;
+        progress |= upstream_read(c, &eof);
+        if (eof)
+            r->up_eof = eof;
+        eof = r->up_eof;
+        if (r->rs == RS_WAIT_HEAD) {
+            if (buf_len(&c->up->in) == 0 && eof) {
+                upstream_gone(c, 502, eof < 0 ? "connection reset" : "upstream closed without answering");
+                return 1;
+            }
+            progress |= response_head(c);
+            if (r->rs == RS_WAIT_HEAD && eof && c->up) {
+                upstream_gone(c, 502, "upstream closed in the middle of the response head");
+                return 1;
+            }
+            if (r->rs == RS_WAIT_HEAD && c->up && buf_len(&c->up->in) == c->up->in.cap) {
+                upstream_gone(c, 502, "response head too large");
+                return 1;
+            }
+        }
+        if (c->up && r->rs != RS_WAIT_HEAD && r->rs != RS_LOCAL)
+            progress |= response_body_feed(c, eof);
+    }
+    if (r->rs == RS_ABORT) {
+        if (out_pending(c) == 0) {
+            c->dead = 1;
+            return 1;
+        }
+        return progress;
+    }
+    if (r->rs == RS_DONE && c->sp_len == 0) {
+        /* The upstream answered before taking the whole body: the rest of
+         * the body is still on the wire and cannot be told apart from a
+         * next request. */
+        if (r->rb != RB_DONE && r->rb != RB_NONE) {
+            r->keepalive = 0;
+            c->close_after = 1;
+            c->linger_needed = 1;
+        }
+        request_finish(c);
+        return 1;
+    }
+    return progress;
+}
+
+/* ---- closing ------------------------------------------------------------ */
+
+static int linger_step(struct conn *c)
+{
+    if (out_pending(c))
+        return 0;
+    if (!c->linger_needed && buf_len(&c->in) == 0) {
+        c->dead = 1;
+        return 1;
+    }
+    if (!c->linger_deadline_ms) {
+        shutdown(c->fd, SHUT_WR);
+        c->linger_deadline_ms = worker_now_ms(c->w) + LINGER_MS;
+        buf_free(&c->in);
+        c->readable = 1;
+        return 1;
+    }
+    if (c->eof) {
+        c->dead = 1;
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- timeouts ----------------------------------------------------------- */
+
+static uint64_t min_nz(uint64_t a, uint64_t b) { return !a ? b : !b ? a : a < b ? a : b; }
+
+static uint64_t body_deadline(const struct conn *c)
+{
+    const struct request *r = &c->req;
+    const struct config_limits *l = limits(c);
+    if ((r->rb != RB_LENGTH && r->rb != RB_CHUNKED) || buf_len(&c->in) >= c->in.cap)
+        return 0;
+    uint64_t d = r->rb_start_ms + (uint64_t)l->body_timeout_ms;
+    if (l->body_min_rate)
+        d += r->rb_total * 1000 / l->body_min_rate;
+    return d;
+}
+
+static uint64_t upstream_deadline(const struct conn *c)
+{
+    const struct request *r = &c->req;
+    if (!c->up || r->rs == RS_LOCAL || r->rs == RS_DONE || r->rs == RS_ABORT)
+        return 0;
+    if (c->up->state == UP_CONNECTING)
+        return r->up_connect_deadline_ms;
+    if (r->rs == RS_WAIT_HEAD && r->rb != RB_DONE && r->rb != RB_NONE)
+        return 0; /* still sending the body: the body deadline applies */
+    if (r->rs != RS_WAIT_HEAD && buf_len(&c->up->in) >= c->up->in.cap)
+        return 0; /* we are not reading: the client is slow, not the upstream */
+    return r->up_activity_ms + (uint64_t)r->route->upstream->timeout_ms;
+}
+
+static uint64_t conn_deadline(const struct conn *c)
+{
+    const struct config_limits *l = limits(c);
+    uint64_t d = 0;
+    if (out_pending(c) && !c->writable)
+        d = c->last_write_ms + (uint64_t)l->send_timeout_ms;
+    switch (c->state) {
+    case CS_HEAD:
+        if (c->head_start_ms)
+            d = min_nz(d, c->head_start_ms + (uint64_t)l->header_timeout_ms);
+        else
+            d = min_nz(d, c->idle_since_ms + (uint64_t)l->idle_timeout_ms);
+        break;
+    case CS_REQUEST:
+        d = min_nz(d, body_deadline(c));
+        d = min_nz(d, upstream_deadline(c));
+        break;
+    case CS_LINGER:
+        d = min_nz(d, c->linger_deadline_ms);
+        break;
+    }
+    return d;
+}
+
+/* Act on whatever deadline has passed. Returns 1 if something happened. */
+static int conn_timeouts(struct conn *c, uint64_t now)
+{
+    const struct config_limits *l = limits(c);
+    struct request *r = &c->req;
+    if (out_pending(c) && !c->writable && now >= c->last_write_ms + (uint64_t)l->send_timeout_ms) {
+        log_debug("client %s: send timeout", c->peer_ip);
+        if (r->status == 0)
+            r->status = 499;
+        c->dead = 1;
+        return 1;
+    }
+    switch (c->state) {
+    case CS_HEAD:
+        if (c->head_start_ms && now >= c->head_start_ms + (uint64_t)l->header_timeout_ms) {
+            r->keepalive = 0;
+            r->method = "-";
+            c->linger_needed = 1;
+            buf_consume(&c->in, buf_len(&c->in));
+            respond_error(c, 408, NULL);
+            return 1;
+        }
+        if (!c->head_start_ms && now >= c->idle_since_ms + (uint64_t)l->idle_timeout_ms) {
+            c->dead = 1;
+            return 1;
+        }
+        return 0;
+    case CS_REQUEST: {
+        uint64_t bd = body_deadline(c);
+        if (bd && now >= bd) {
+            log_info("client %s: request body too slow (%" PRIu64 " bytes in %" PRIu64 " ms)",
+                     c->peer_ip, r->rb_total, now - r->rb_start_ms);
+            if (c->up) {
+                upconn_close(c->up);
+                c->up = NULL;
+            }
+            r->keepalive = 0;
+            c->linger_needed = 1;
+            buf_consume(&c->in, buf_len(&c->in));
+            if (!r->resp_started)
+                respond_error(c, 408, NULL);
+            else
+                c->dead = 1;
+            return 1;
+        }
+        uint64_t ud = upstream_deadline(c);
+        if (ud && now >= ud) {
+            int connecting = c->up && c->up->state == UP_CONNECTING;
+            upstream_gone(c, connecting ? 502 : 504, connecting ? "connect timeout" : "timeout");
+            return 1;
+        }
+        return 0;
+    }
+    case CS_LINGER:
+        if (c->linger_deadline_ms && now >= c->linger_deadline_ms) {
+            c->dead = 1;
+            return 1;
+        }
+        return 0;
+    }
+    return 0;
+}
+
+static void conn_arm_timer(struct conn *c)
+{
+    uint64_t d = conn_deadline(c);
+    if (!d) {
+        if (c->timer_at_ms) {
+            event_del(&c->timer);
+            c->timer_at_ms = 0;
+        }
+        return;
+    }
+    /* A timer that fires early is harmless (we re-check); re-arming on
+     * every call is not free, so only move it earlier. */
+    if (c->timer_at_ms && c->timer_at_ms <= d)
+        return;
+    uint64_t now = worker_now_ms(c->w);
+    uint64_t wait = d > now ? d - now : 0;
+    struct timeval tv = { (time_t)(wait / 1000), (suseconds_t)((wait % 1000) * 1000) };
+    event_add(&c->timer, &tv);
+    c->timer_at_ms = d;
+}
+
+/* ---- the pump ----------------------------------------------------------- */
+
+/* Make every move possible until none is left: read, parse, relay, write.
+ * All callbacks end here, and only here is a connection freed. */
+static void conn_pump(struct conn *c)
+{
+    int progress, rounds = 0;
+    if (!c->timer_at_ms || worker_now_ms(c->w) >= c->timer_at_ms) {
+        c->timer_at_ms = 0;
+        conn_timeouts(c, worker_now_ms(c->w));
+    }
+    do {
+        progress = 0;
+        if (c->dead)
+            break;
+        progress |= client_read(c);
+        switch (c->state) {
+        case CS_HEAD:
+            progress |= handle_head(c);
+            break;
+        case CS_REQUEST:
+            progress |= request_step(c);
+            break;
+        case CS_LINGER:
+            progress |= linger_step(c);
+            break;
+        }
+        progress |= client_flush(c);
+        /* Let other connections run now and then under a flood of
+         * pipelined requests. */
+        if (++rounds > 256 && c->state == CS_HEAD) {
+            c->readable = 1;
+            event_active(&c->ev, EV_READ, 0);
+            break;
+        }
+    } while (progress && !c->dead);
+    if (c->dead) {
+        if (c->req.method && c->req.status)
+            request_log(c);
+        conn_free(c);
+        return;
+    }
+    if (c->state == CS_HEAD && !c->head_start_ms && buf_len(&c->in) == 0 && out_pending(c) == 0) {
+        /* Idle keep-alive: give the buffers back. */
+        buf_release_if_empty(&c->in);
+        buf_release_if_empty(&c->out);
+    }
+    conn_arm_timer(c);
+}
+
+void conn_drain(struct conn *c)
+{
+    if (c->state == CS_HEAD && !c->head_start_ms && buf_len(&c->in) == 0) {
+        c->dead = 1;
+        conn_pump(c);
+    } else {
+        c->req.keepalive = 0;
+    }
+}
+
+void conn_abort(struct conn *c)
+{
+    c->dead = 1;
+    conn_pump(c);
+}

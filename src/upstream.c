@@ -1,1 +1,139 @@
-/* placeholder: being written */
+#include "upstream.h"
+#include "log.h"
+#include "worker.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static void pool_unlink(struct pool *p, struct upconn *u)
+{
+    if (u->prev)
+        u->prev->next = u->next;
+    else
+        p->idle = u->next;
+    if (u->next)
+        u->next->prev = u->prev;
+    u->prev = u->next = NULL;
+    p->nidle--;
+}
+
+static void on_upconn_event(evutil_socket_t fd, short what, void *arg)
+{
+    struct upconn *u = arg;
+    if (u->state == UP_IDLE) {
+        /* Nobody is waiting for bytes on an idle connection: EOF, an error
+         * or unsolicited data all mean it cannot carry a request. */
+        pool_unlink(u->pool, u);
+        upconn_close(u);
+        return;
+    }
+    if (what & EV_READ)
+        u->readable = 1;
+    if (what & EV_WRITE)
+        u->writable = 1;
+    if (u->owner)
+        conn_on_upstream_event(u->owner, u, what);
+}
+
+struct upconn *upconn_get(struct pool *p, struct conn *owner, size_t in_cap, size_t out_cap)
+{
+    uint64_t now = worker_now_ms(p->w);
+    while (p->idle) {
+        struct upconn *u = p->idle;
+        pool_unlink(p, u);
+        if (now - u->idle_since_ms >= (uint64_t)p->up->keepalive_timeout_ms) {
+            upconn_close(u);
+            continue;
+        }
+        u->state = UP_ACTIVE;
+        u->owner = owner;
+        u->reused = 1;
+        return u;
+    }
+
+    int fd = socket(p->ep->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return NULL;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    int rc = connect(fd, (const struct sockaddr *)&p->ep->addr, p->ep->addrlen);
+    if (rc < 0 && errno != EINPROGRESS) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return NULL;
+    }
+    struct upconn *u = xcalloc(1, sizeof(*u));
+    u->fd = fd;
+    u->state = UP_CONNECTING;
+    u->pool = p;
+    u->owner = owner;
+    buf_init(&u->in, in_cap);
+    buf_init(&u->out, out_cap);
+    event_assign(&u->ev, worker_base(p->w), fd, EV_READ | EV_WRITE | EV_ET | EV_PERSIST,
+                 on_upconn_event, u);
+    event_add(&u->ev, NULL);
+    return u;
+}
+
+void upconn_release(struct upconn *u)
+{
+    struct pool *p = u->pool;
+    u->owner = NULL;
+    u->span_src = NULL;
+    u->span_len = 0;
+    if (p->nidle >= p->up->keepalive || u->requests >= p->up->keepalive_requests ||
+        buf_len(&u->in) || buf_len(&u->out) || worker_draining(p->w)) {
+        upconn_close(u);
+        return;
+    }
+    buf_release_if_empty(&u->in);
+    buf_release_if_empty(&u->out);
+    u->state = UP_IDLE;
+    u->readable = 0;
+    u->idle_since_ms = worker_now_ms(p->w);
+    u->prev = NULL;
+    u->next = p->idle;
+    if (p->idle)
+        p->idle->prev = u;
+    p->idle = u;
+    p->nidle++;
+}
+
+void upconn_close(struct upconn *u)
+{
+    event_del(&u->ev);
+    close(u->fd);
+    buf_free(&u->in);
+    buf_free(&u->out);
+    free(u);
+}
+
+void pool_sweep(struct pool *p, uint64_t now_ms)
+{
+    /* The list is most-recent-first, so expired ones sit at the tail;
+     * walking it all is fine: it is at most `keepalive` long. */
+    struct upconn *u = p->idle;
+    while (u) {
+        struct upconn *next = u->next;
+        if (now_ms - u->idle_since_ms >= (uint64_t)p->up->keepalive_timeout_ms) {
+            pool_unlink(p, u);
+            upconn_close(u);
+        }
+        u = next;
+    }
+}
+
+void pool_close_all(struct pool *p)
+{
+    while (p->idle) {
+        struct upconn *u = p->idle;
+        pool_unlink(p, u);
+        upconn_close(u);
+    }
+}

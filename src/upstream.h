@@ -1,1 +1,69 @@
+/* Upstream connections and the per-worker keep-alive pools.
+ *
+ * An upconn is one TCP connection to one endpoint. It is owned either by
+ * a pool (idle) or by a client connection (active); never both. While
+ * idle, any event on it (the upstream closed it, or sent bytes nobody
+ * asked for) closes it at once, so a pooled connection that the upstream
+ * closed is never handed out for a request.
+ *
+ * States:
+ *   CONNECTING --writable, SO_ERROR 0--> ACTIVE --upconn_release--> IDLE
+ *   IDLE --upconn_take--> ACTIVE;  any --upconn_close--> freed
+ * Thread: a pool and its upconns belong to one worker. */
+#ifndef PORTICO_UPSTREAM_H
+#define PORTICO_UPSTREAM_H
 
+#include <event2/event.h>
+#include <event2/event_struct.h>
+#include <stdint.h>
+#include "buf.h"
+#include "config.h"
+
+struct worker;
+struct conn;
+struct pool;
+
+enum upconn_state { UP_CONNECTING, UP_ACTIVE, UP_IDLE };
+
+struct upconn {
+    int fd;
+    enum upconn_state state;
+    struct event ev;            /* EV_READ|EV_WRITE|EV_ET|EV_PERSIST, added once */
+    unsigned readable : 1, writable : 1;
+    unsigned reused : 1;        /* served a request before this one */
+    struct buf in, out;         /* out: request head and framing copies */
+    struct buf *span_src;       /* after out: the first span_len bytes of *span_src */
+    size_t span_len;
+    struct pool *pool;
+    struct conn *owner;         /* the client connection while ACTIVE */
+    int requests;               /* requests sent on this connection */
+    uint64_t idle_since_ms;
+    struct upconn *prev, *next; /* pool idle list */
+};
+
+/* One pool per (upstream, endpoint) per worker. */
+struct pool {
+    struct worker *w;
+    const struct config_upstream *up;
+    const struct config_endpoint *ep;
+    struct upconn *idle;        /* most recently used first */
+    int nidle;
+};
+
+/* Take an idle connection, or start a new one (state CONNECTING).
+ * Returns NULL only when socket()/connect() fail at once; errno is set. */
+struct upconn *upconn_get(struct pool *p, struct conn *owner, size_t in_cap, size_t out_cap);
+/* Give an ACTIVE connection back to its pool; closes it instead when the
+ * pool is full or the connection reached keepalive_requests. */
+void upconn_release(struct upconn *u);
+/* Close and free (any state). */
+void upconn_close(struct upconn *u);
+/* Close idle connections older than the upstream's keepalive_timeout_ms. */
+void pool_sweep(struct pool *p, uint64_t now_ms);
+void pool_close_all(struct pool *p);
+
+/* Called by the event callback of an ACTIVE/CONNECTING upconn: defined
+ * by the client connection code. */
+void conn_on_upstream_event(struct conn *c, struct upconn *u, short what);
+
+#endif
