@@ -33,6 +33,7 @@
 #define CONFIG_FILE_MAX (16u << 20)
 #define DAY_MS 86400000LL
 #define SHOW_MAX 96                  /* longest value quoted in a message */
+#define SHOW_BUF (SHOW_MAX * 6 + 64)  /* room for it escaped */
 
 /* ------------------------------------------------------------------ */
 /* Growable byte buffer, always NUL-terminated.                         */
@@ -189,7 +190,7 @@ static int is_tainted(const struct load *ld)
 }
 
 /* Record a problem at the current path. */
-static void verr(struct load *ld, const char *fmt, va_list ap)
+static void __attribute__((format(printf, 2, 0))) verr(struct load *ld, const char *fmt, va_list ap)
 {
     if (is_tainted(ld))
         return;
@@ -691,7 +692,7 @@ static void parse_workers(struct load *ld, json_t *root)
 
 static void parse_log_level(struct load *ld, json_t *root)
 {
-    char shown[SHOW_MAX * 2];
+    char shown[SHOW_BUF];
     json_t *v = get_string(ld, root, "log_level");
     int ok = v && log_level_parse(json_string_value(v)) >= 0;
     if (v && !ok)
@@ -739,7 +740,7 @@ static void parse_listener(struct load *ld, json_t *obj, struct config_listener 
 {
     static const char *const known[] = { "address", "backlog", NULL };
     static const char *const later[] = { "tls", NULL };
-    char why[128], shown[SHOW_MAX * 2];
+    char why[128], shown[SHOW_BUF];
     long long backlog;
 
     if (!json_is_object(obj)) {
@@ -843,7 +844,7 @@ static void parse_limits(struct load *ld, json_t *root)
 static void parse_access_log(struct load *ld, json_t *root)
 {
     static const char *const known[] = { "path", "format", NULL };
-    char shown[SHOW_MAX * 2];
+    char shown[SHOW_BUF];
     json_t *obj = get_typed(ld, root, "access_log", JSON_OBJECT);
     const char *path = "-";
     if (obj) {
@@ -868,7 +869,7 @@ static void parse_access_log(struct load *ld, json_t *root)
 static void parse_trusted_proxies(struct load *ld, json_t *root)
 {
     struct config *c = ld->cfg;
-    char why[128], shown[SHOW_MAX * 2];
+    char why[128], shown[SHOW_BUF];
     json_t *arr = get_typed(ld, root, "trusted_proxies", JSON_ARRAY);
     if (!arr)
         return;
@@ -905,7 +906,7 @@ static int valid_upstream_name(const char *s)
 
 static void parse_endpoints(struct load *ld, json_t *obj, struct config_upstream *u)
 {
-    char why[128], shown[SHOW_MAX * 2];
+    char why[128], shown[SHOW_BUF];
     json_t *arr = get_typed(ld, obj, "endpoints", JSON_ARRAY);
     if (!json_object_get(obj, "endpoints")) {
         err_key(ld, "endpoints", "required (like [\"127.0.0.1:8000\"])");
@@ -950,7 +951,7 @@ static void parse_upstream(struct load *ld, json_t *obj, struct config_upstream 
         "keepalive_timeout_ms", "keepalive_requests", NULL,
     };
     static const char *const later[] = { "retry", "circuit_breaker", "health_check", NULL };
-    char shown[SHOW_MAX * 2];
+    char shown[SHOW_BUF];
 
     if (!json_is_object(obj)) {
         err(ld, "expected an object like {\"endpoints\": [\"127.0.0.1:8000\"]}, got %s", type_name(obj));
@@ -1013,7 +1014,7 @@ static int is_tchar(char c)
 
 static void parse_method(struct load *ld, struct config_route *r, json_t *v)
 {
-    char shown[SHOW_MAX * 2];
+    char shown[SHOW_BUF];
     if (!json_is_string(v)) {
         err(ld, "expected a method name like \"GET\", got %s", type_name(v));
         return;
@@ -1071,6 +1072,10 @@ static void parse_methods(struct load *ld, json_t *obj, struct config_route *r)
         pop(ld);
     }
     pop(ld);
+    /* RFC 9110 9.3.2: HEAD is GET without the body; a route that serves
+     * GET serves HEAD (as nginx's limit_except does). */
+    if (r->methods & ROUTE_METHOD_BIT(HTTP_M_GET))
+        r->methods |= ROUTE_METHOD_BIT(HTTP_M_HEAD);
 }
 
 /* A DNS-style host name: labels of letters, digits, '-' and '_', 1..63
@@ -1097,7 +1102,7 @@ static int valid_host_name(const char *h)
 
 static void parse_host(struct load *ld, json_t *obj, struct config_route *r)
 {
-    char shown[SHOW_MAX * 2];
+    char shown[SHOW_BUF];
     json_t *v = get_string(ld, obj, "host");
     if (!v)
         return;
@@ -1238,7 +1243,7 @@ static void parse_filters(struct load *ld, json_t *obj)
 /* "upstream" or "respond", and what goes only with "upstream". */
 static void parse_target(struct load *ld, json_t *obj, struct config_route *r)
 {
-    char shown[SHOW_MAX * 2];
+    char shown[SHOW_BUF];
     json_t *up = json_object_get(obj, "upstream"), *resp = json_object_get(obj, "respond");
     if (up && resp) {
         err(ld, "has both \"upstream\" and \"respond\"; a route either proxies or answers");

@@ -317,7 +317,6 @@ static void request_finish(struct conn *c)
     if (keep) {
         c->state = CS_HEAD;
         c->idle_since_ms = worker_now_ms(c->w);
-        c->readable = 1; /* pipelined bytes may be waiting in the socket */
     } else {
         c->close_after = 1;
         c->state = CS_LINGER;

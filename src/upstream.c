@@ -26,6 +26,10 @@ static void on_upconn_event(evutil_socket_t fd, short what, void *arg)
 {
     struct upconn *u = arg;
     if (u->state == UP_IDLE) {
+        if (!(what & EV_READ)) {
+            u->writable = 1;
+            return;
+        }
         /* Nobody is waiting for bytes on an idle connection: EOF, an error
          * or unsolicited data all mean it cannot carry a request. */
         pool_unlink(u->pool, u);
@@ -53,6 +57,8 @@ struct upconn *upconn_get(struct pool *p, struct conn *owner, size_t in_cap, siz
         u->state = UP_ACTIVE;
         u->owner = owner;
         u->reused = 1;
+        /* Optimistic: a write that cannot go returns EAGAIN and we wait. */
+        u->writable = 1;
         return u;
     }
 

@@ -214,7 +214,9 @@ static void test_full(void)
     CHECK_EQ_INT(r->host_wildcard, 0);
     CHECK(r->upstream == config_find_upstream(c, "users"));
     CHECK(strcmp(r->strip_prefix, "/api") == 0);
-    CHECK_EQ_INT(r->methods, ROUTE_METHOD_BIT(HTTP_M_GET) | ROUTE_METHOD_BIT(HTTP_M_POST));
+    /* GET brings HEAD with it */
+    CHECK_EQ_INT(r->methods, ROUTE_METHOD_BIT(HTTP_M_GET) | ROUTE_METHOD_BIT(HTTP_M_HEAD) |
+                                 ROUTE_METHOD_BIT(HTTP_M_POST));
     CHECK_EQ_INT(r->nother_methods, 1);
     CHECK(r->nother_methods == 1 && strcmp(r->other_methods[0], "PURGE") == 0);
     r = c->routes[1];
@@ -564,6 +566,11 @@ static void test_substitution(void)
     EXPECT_ERROR("{" LISTEN ", 'routes': [{'path': '/', 'respond': {'status': 200, 'body': '${A:b}'}}]}",
                  "routes[0].respond.body: \"${\" must be followed by a variable name");
 
+    setenv("PT_BINARY", "\xff\xfe", 1);
+    EXPECT_ERROR("{" LISTEN ", 'routes': [{'path': '/', 'respond': {'status': 200, 'body': '${PT_BINARY}'}}]}",
+                 "routes[0].respond.body: the substituted value is not valid UTF-8");
+    unsetenv("PT_BINARY");
+
     /* A failed substitution is reported once, not again as a bad value. */
     c = load("{'listeners': [{'address': '${PT_UNSET}'}], 'routes': [" RESPOND_ROUTE "]}", &e);
     CHECK(c == NULL);
@@ -635,6 +642,23 @@ static void test_secret_files(void)
     snprintf(text, sizeof(text),
              "{" LISTEN ", 'routes': [{'path': '/', 'respond': {'status': 200, 'body': '@%s'}}]}", dir);
     EXPECT_ERROR(text, "is not a regular file");
+    /* Secret files are capped at 1 MiB. */
+    char *big = malloc((1 << 20) + 2);
+    memset(big, 'x', (1 << 20) + 1);
+    big[(1 << 20) + 1] = '\0';
+    char *bigpath = write_temp(dir, "big.txt", big);
+    snprintf(text, sizeof(text),
+             "{" LISTEN ", 'routes': [{'path': '/', 'respond': {'status': 200, 'body': '@%s'}}]}", bigpath);
+    EXPECT_ERROR(text, "big.txt\" is larger than 1 MiB");
+    big[1 << 20] = '\0';
+    free(write_temp(dir, "big.txt", big));
+    c = EXPECT_OK(text);
+    CHECK(c && c->routes[0]->respond_body_len == 1 << 20);
+    config_unref(c);
+    unlink(bigpath);
+    free(bigpath);
+    free(big);
+
     EXPECT_ERROR("{" LISTEN ", 'routes': [{'path': '/', 'respond': {'status': 200, 'body': '@'}}]}",
                  "routes[0].respond.body: \"@\" must be followed by a file path");
 
@@ -711,10 +735,72 @@ static void load_dir(const char *sub)
     CHECK(n >= 1);
 }
 
+/* The route that answers a request, by name ("" when none). */
+static const char *route_for(const struct config *c, const char *host, const char *method,
+                             const char *path)
+{
+    static const char *const names[] = { "", "GET", "HEAD", "POST", "PUT", "DELETE",
+                                         "OPTIONS", "PATCH", "TRACE", "CONNECT" };
+    enum http_method m = HTTP_M_OTHER;
+    for (int i = 1; i < 10; i++)
+        if (strcmp(method, names[i]) == 0)
+            m = (enum http_method)i;
+    struct http_str ms = { method, strlen(method) };
+    const struct config_route *r = NULL;
+    if (router_match(c->router, host, strlen(host), path, strlen(path), m, &ms, &r) != ROUTER_MATCH)
+        return "";
+    return r->name;
+}
+
+static struct config *load_example(const char *name)
+{
+    char path[1024];
+    struct config_errors e = { 0 };
+    snprintf(path, sizeof(path), "%s/%s", TEST_SRCDIR, name);
+    struct config *c = config_load(path, &e);
+    dump(&e);
+    config_errors_free(&e);
+    CHECK(c != NULL);
+    return c;
+}
+
 static void test_shipped_configs(void)
 {
     load_dir("conf");
     load_dir("conf/examples");
+
+    /* What conf/examples/README.md says about routing holds. */
+    unsetenv("PORTICO_ACCESS_LOG");
+    struct config *c = load_example("conf/examples/production.json");
+    if (c) {
+        CHECK(strcmp(c->access_log.path, "/var/log/portico/access.log") == 0);
+        CHECK(strcmp(route_for(c, "api.example.com", "GET", "/healthz"), "api") == 0);
+        CHECK(strcmp(route_for(c, "10.0.0.1", "GET", "/healthz"), "healthz") == 0);
+        CHECK(strcmp(route_for(c, "api.example.com", "GET", "/uploads/a"), "api") == 0);
+        CHECK(strcmp(route_for(c, "api.example.com", "PUT", "/uploads/a"), "uploads") == 0);
+        CHECK(strcmp(route_for(c, "api.example.com", "GET", "/billing/invoices/7"), "billing") == 0);
+        CHECK(strcmp(route_for(c, "api.example.com", "PURGE", "/cache/x"), "purge") == 0);
+        CHECK(strcmp(route_for(c, "acme.tenants.example.com", "GET", "/"), "tenants") == 0);
+        CHECK(strcmp(route_for(c, "tenants.example.com", "GET", "/"), "fallback") == 0);
+        CHECK(strcmp(route_for(c, "api.example.com", "GET", "/v1/users"), "legacy-v1") == 0);
+    }
+    config_unref(c);
+    c = load_example("conf/examples/django-fleet.json");
+    if (c) {
+        CHECK(strcmp(route_for(c, "users.example.com", "GET", "/api/users/"), "users-api") == 0);
+        CHECK(strcmp(route_for(c, "orders.example.com", "GET", "/api/orders/1"), "orders-api") == 0);
+        CHECK(strcmp(route_for(c, "users.example.com", "GET", "/"), "not-found") == 0);
+        CHECK(strcmp(route_for(c, "users.example.com", "GET", "/static/app.css"), "users-static") == 0);
+    }
+    config_unref(c);
+    c = load_example("conf/portico.json");
+    if (c) {
+        CHECK(strcmp(c->listeners[0].address, "127.0.0.1:8080") == 0);
+        CHECK(strcmp(route_for(c, "localhost", "POST", "/api/things/"), "api") == 0);
+        CHECK(strcmp(route_for(c, "localhost", "GET", "/"), "home") == 0);
+        CHECK(c->routes[1]->respond_status == 200);
+    }
+    config_unref(c);
 }
 
 static void test_addr(void)
