@@ -62,6 +62,8 @@ static inline void buf_consume(struct buf *b, size_t n)
 /* Append; the caller has checked the space (aborts otherwise: a bug). */
 static inline void buf_append(struct buf *b, const void *p, size_t n)
 {
+    if (n == 0)
+        return;
     buf_ensure(b);
     if (b->cap - b->end < n) {
         if (b->start > 0) {

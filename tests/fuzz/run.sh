@@ -35,6 +35,7 @@ declare -A PKGS=(
 
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 CC=${CC:-clang}
+# shellcheck disable=SC2054 # the commas belong to -fsanitize=
 CFLAGS_FUZZ=(-std=gnu11 -g -O1 -pthread -fno-omit-frame-pointer
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
     -DFUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION -I"$ROOT/src")

@@ -1,0 +1,350 @@
+#!/usr/bin/env bash
+# Portico vs nginx vs HAProxy: the same job (proxy to one keep-alive origin),
+# one worker each on the same pinned core, the same load. See README.md.
+#
+#   bench/run.sh
+#
+# Environment:
+#   PORTICO_BIN      the daemon (default ./build/src/portico)
+#   BENCH_SECONDS    measured seconds per run (default 10)
+#   BENCH_WARMUP     warm-up seconds before each run, not measured (default 2)
+#   BENCH_ROUNDS     repeat everything, proxies interleaved (default 1);
+#                    the table shows the median of the rounds
+#   BENCH_CONNS      wrk connections (default 64)
+#   BENCH_PROXIES    subset/order of "portico nginx haproxy"
+#   BENCH_CASES      subset of "small 4k 64k close"
+#   BENCH_PROXY_CPU  core for the proxy under test (default 0)
+#   BENCH_LOAD_CPU   core for the origin and wrk (default 1)
+#   BENCH_OUT        if set, the raw results (TSV) are copied there
+#   BENCH_KEEP=1     keep the temp dir (configs, logs) for inspection
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=/usr/bin/python3
+
+BENCH_SECONDS=${BENCH_SECONDS:-10}
+BENCH_WARMUP=${BENCH_WARMUP:-2}
+BENCH_ROUNDS=${BENCH_ROUNDS:-1}
+BENCH_CONNS=${BENCH_CONNS:-64}
+read -r -a PROXIES <<<"${BENCH_PROXIES:-portico nginx haproxy}"
+read -r -a CASES <<<"${BENCH_CASES:-small 4k 64k close}"
+PROXY_CPU=${BENCH_PROXY_CPU:-0}
+LOAD_CPU=${BENCH_LOAD_CPU:-1}
+PORTICO_BIN=${PORTICO_BIN:-$ROOT/build/src/portico}
+
+PORT_ORIGIN=18800
+declare -A PORT=([portico]=18801 [nginx]=18802 [haproxy]=18803)
+ORIGIN="127.0.0.1:$PORT_ORIGIN"
+
+die() { echo "bench: $*" >&2; exit 1; }
+log() { echo "bench: $*" >&2; }
+
+# ---------------------------------------------------------------- checks
+
+for tool in nginx haproxy wrk curl taskset; do
+    command -v "$tool" >/dev/null || die "$tool not found: run scripts/install-deps.sh"
+done
+for p in "${PROXIES[@]}"; do
+    [[ -n ${PORT[$p]:-} ]] || die "unknown proxy '$p' in BENCH_PROXIES"
+done
+for c in "${CASES[@]}"; do
+    case $c in small | 4k | 64k | close) ;; *) die "unknown case '$c' in BENCH_CASES" ;; esac
+done
+if [[ " ${PROXIES[*]} " == *" portico "* ]]; then
+    [[ -x $PORTICO_BIN ]] || die "no Portico binary at $PORTICO_BIN: build it (tests/run-all.sh or \
+cd build && ../configure && make) or set PORTICO_BIN"
+fi
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for port in "$PORT_ORIGIN" "${PORT[@]}"; do
+    ! port_busy "$port" || die "port $port is already in use; stop whatever listens there"
+done
+ncpu=$(nproc)
+((PROXY_CPU < ncpu && LOAD_CPU < ncpu)) || die "need CPUs $PROXY_CPU and $LOAD_CPU; this machine has $ncpu"
+[[ $PROXY_CPU != "$LOAD_CPU" ]] || log "warning: proxy and load share CPU $PROXY_CPU"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+# ---------------------------------------------------------------- processes
+
+TMP=$(mktemp -d /tmp/portico-bench.XXXXXX)
+declare -A PID=()
+
+cleanup() {
+    local name pid
+    for name in "${!PID[@]}"; do
+        pid=${PID[$name]}
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for name in "${!PID[@]}"; do
+        pid=${PID[$name]}
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "$name (pid $pid) did not stop on SIGTERM; killing it"
+            pkill -KILL -P "$pid" 2>/dev/null || true
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ ${BENCH_KEEP:-} == 1 ]]; then
+        log "kept $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# render TEMPLATE OUT DIR PORT: fill a bench/conf template.
+render() {
+    local user=""
+    # nginx started as root would switch its worker to "nobody", which cannot
+    # read our private temp dir; as any other user the directive is moot.
+    [[ $(id -u) -ne 0 ]] || user="user root;"
+    sed -e "s|@DIR@|$3|g" -e "s|@PORT@|$4|g" -e "s|@UPSTREAM@|$ORIGIN|g" \
+        -e "s|@USER@|$user|g" "$ROOT/bench/conf/$1" >"$2"
+}
+
+# start NAME CPU LOGFILE command...: run in the background, pinned.
+start() {
+    local name=$1 cpu=$2 logf=$3
+    shift 3
+    taskset -c "$cpu" "$@" </dev/null >"$logf" 2>&1 &
+    PID[$name]=$!
+}
+
+# wait_up NAME PORT LOGFILE: until the port accepts, or fail with the log.
+wait_up() {
+    local name=$1 port=$2 logf=$3
+    for _ in $(seq 100); do
+        if ! kill -0 "${PID[$name]}" 2>/dev/null; then
+            cat "$logf" >&2 || true
+            die "$name exited at start (log above: $logf)"
+        fi
+        port_busy "$port" && return 0
+        sleep 0.05
+    done
+    cat "$logf" >&2 || true
+    die "$name does not listen on port $port after 5 s (log above)"
+}
+
+start_nginx() { # start_nginx NAME TEMPLATE PORT CPU
+    local name=$1 dir=$TMP/$1
+    mkdir -p "$dir"
+    render "$2" "$dir/nginx.conf" "$dir" "$3"
+    start "$name" "$4" "$dir/stderr.log" \
+        nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" -g 'daemon off;'
+    wait_up "$name" "$3" "$dir/error.log"
+}
+
+start_origin() {
+    mkdir -p "$TMP/origin/www"
+    head -c 4096 /dev/urandom >"$TMP/origin/www/4k.bin"
+    head -c 65536 /dev/urandom >"$TMP/origin/www/64k.bin"
+    printf 'hello from the bench origin\n' >"$TMP/origin/small.expected"
+    start_nginx origin upstream-nginx.conf "$PORT_ORIGIN" "$LOAD_CPU"
+}
+
+start_proxy() {
+    local p=$1 dir=$TMP/$1
+    case $p in
+        nginx) start_nginx nginx proxy-nginx.conf "${PORT[nginx]}" "$PROXY_CPU" ;;
+        haproxy)
+            mkdir -p "$dir"
+            render haproxy.cfg "$dir/haproxy.cfg" "$dir" "${PORT[haproxy]}"
+            haproxy -c -q -f "$dir/haproxy.cfg" || die "haproxy rejects $dir/haproxy.cfg"
+            start haproxy "$PROXY_CPU" "$dir/haproxy.log" haproxy -f "$dir/haproxy.cfg" -db
+            wait_up haproxy "${PORT[haproxy]}" "$dir/haproxy.log"
+            ;;
+        portico)
+            mkdir -p "$dir"
+            render portico.json "$dir/portico.json" "$dir" "${PORT[portico]}"
+            start portico "$PROXY_CPU" "$dir/portico.log" "$PORTICO_BIN" -c "$dir/portico.json"
+            wait_up portico "${PORT[portico]}" "$dir/portico.log"
+            ;;
+    esac
+}
+
+# ---------------------------------------------------------------- correctness
+
+path_of() {
+    case $1 in small | close) echo /small ;; 4k) echo /4k.bin ;; 64k) echo /64k.bin ;; esac
+}
+expected_of() {
+    case $1 in
+        small | close) echo "$TMP/origin/small.expected" ;;
+        4k) echo "$TMP/origin/www/4k.bin" ;;
+        64k) echo "$TMP/origin/www/64k.bin" ;;
+    esac
+}
+
+# verify NAME PORT: every case's URL answers 200 with the origin's exact
+# body, over a reused connection and with "Connection: close".
+verify() {
+    local name=$1 port=$2 c url code got=$TMP/verify.body
+    for c in small 4k 64k close; do
+        url="http://127.0.0.1:$port$(path_of "$c")"
+        local hdr=()
+        [[ $c != close ]] || hdr=(-H "Connection: close")
+        code=$(curl -sS --max-time 5 "${hdr[@]}" -o "$got" -w '%{http_code}' "$url" 2>&1) ||
+            die "$name: GET $url failed: $code"
+        [[ $code == 200 ]] || die "$name: GET $url answered $code, expected 200"
+        cmp -s "$got" "$(expected_of "$c")" ||
+            die "$name: GET $url: the body differs from the origin's ($(wc -c <"$got") bytes)"
+    done
+    # Two requests on one connection: the proxy must keep it alive.
+    local out
+    out=$(curl -sS --max-time 5 -o /dev/null -o /dev/null -w '%{num_connects} ' \
+        "http://127.0.0.1:$port/small" "http://127.0.0.1:$port/small")
+    [[ $out == "1 0 " ]] || die "$name: did not keep the client connection alive (new connects: $out)"
+}
+
+# ---------------------------------------------------------------- measuring
+
+# cpu_ticks PID: user+system clock ticks of a process and its children
+# (nginx's worker is a child of its master; threads are in the process).
+cpu_ticks() {
+    local total=0 p f
+    for p in "$1" $(pgrep -P "$1" || true); do
+        f=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+        f=${f##*) }                  # fields from 3 on; comm may hold spaces
+        read -r -a a <<<"$f"
+        total=$((total + a[11] + a[12])) # utime, stime (fields 14, 15)
+    done
+    echo "$total"
+}
+
+# wrk_run PORT CASE SECONDS OUTFILE
+wrk_run() {
+    local url hdr=()
+    url="http://127.0.0.1:$1$(path_of "$2")"
+    [[ $2 != close ]] || hdr=(-H "Connection: close")
+    taskset -c "$LOAD_CPU" wrk -t1 -c"$BENCH_CONNS" -d"$3"s --latency "${hdr[@]}" "$url" >"$4" 2>&1
+}
+
+# to_us VALUE: wrk's "812.00us" / "1.20ms" / "2.00s" in microseconds.
+to_us() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "ms") n *= 1000; else if (u == "s") n *= 1000000
+        printf "%.0f", n }'
+}
+
+RESULTS=$TMP/results.tsv
+printf 'case\tproxy\tround\trps\tp50_us\tp99_us\tcpu_pct\tcpu_us_per_req\terrors\n' >"$RESULTS"
+
+measure() { # measure CASE PROXY ROUND
+    local c=$1 p=$2 r=$3 out=$TMP/wrk-$1-$2-$3.txt
+    wrk_run "${PORT[$p]}" "$c" "$BENCH_WARMUP" "$TMP/warmup.txt" ||
+        die "$p/$c: wrk warm-up failed: $(cat "$TMP/warmup.txt")"
+    local t0 t1 n0 n1
+    t0=$(cpu_ticks "${PID[$p]}")
+    n0=$(date +%s%N)
+    wrk_run "${PORT[$p]}" "$c" "$BENCH_SECONDS" "$out" || die "$p/$c: wrk failed: $(cat "$out")"
+    n1=$(date +%s%N)
+    t1=$(cpu_ticks "${PID[$p]}")
+    kill -0 "${PID[$p]}" 2>/dev/null || die "$p died during the $c run (see $TMP/$p/)"
+
+    local rps reqs p50 p99 non2xx sockerr
+    rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
+    reqs=$(awk '/requests in/ {print $1}' "$out")
+    p50=$(to_us "$(awk '$1 == "50%" {print $2}' "$out")")
+    p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$out")")
+    non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$out")
+    sockerr=$(awk '/Socket errors:/ { s = 0; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) s += $i; print s }' "$out")
+    [[ -n $rps && -n $reqs ]] || die "$p/$c: cannot read wrk's output: $(cat "$out")"
+    local errors=$((${non2xx:-0} + ${sockerr:-0}))
+    local hz cpu_s wall_s cpu_pct us_per_req
+    hz=$(getconf CLK_TCK)
+    cpu_s=$(awk -v t="$((t1 - t0))" -v hz="$hz" 'BEGIN {printf "%.3f", t / hz}')
+    wall_s=$(awk -v n="$((n1 - n0))" 'BEGIN {printf "%.3f", n / 1e9}')
+    cpu_pct=$(awk -v c="$cpu_s" -v w="$wall_s" 'BEGIN {printf "%.0f", 100 * c / w}')
+    us_per_req=$(awk -v c="$cpu_s" -v n="$reqs" 'BEGIN {printf "%.2f", n ? 1e6 * c / n : 0}')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$p" "$r" "$rps" "$p50" "$p99" \
+        "$cpu_pct" "$us_per_req" "$errors" >>"$RESULTS"
+    log "$(printf '%-6s %-8s round %s: %10s req/s  p50 %6s us  p99 %6s us  cpu %3s%%  %s us/req  errors %s' \
+        "$c" "$p" "$r" "$rps" "$p50" "$p99" "$cpu_pct" "$us_per_req" "$errors")"
+    if [[ $errors -ne 0 ]]; then
+        log "warning: $p/$c had $errors errors (non-2xx or socket errors); see $out"
+        cp "$out" "$TMP/errors-$c-$p-$r.txt"
+    fi
+}
+
+# ---------------------------------------------------------------- main
+
+log "temp dir $TMP; proxies on CPU $PROXY_CPU, origin and wrk on CPU $LOAD_CPU"
+start_origin
+verify origin "$PORT_ORIGIN"
+for p in "${PROXIES[@]}"; do
+    start_proxy "$p"
+    verify "$p" "${PORT[$p]}"
+    log "$p answers correctly on port ${PORT[$p]}"
+done
+
+total=$(( ${#CASES[@]} * ${#PROXIES[@]} * BENCH_ROUNDS * (BENCH_SECONDS + BENCH_WARMUP) ))
+log "measuring: ${CASES[*]} x ${PROXIES[*]} x $BENCH_ROUNDS round(s), about ${total}s"
+for c in "${CASES[@]}"; do
+    for ((r = 1; r <= BENCH_ROUNDS; r++)); do
+        # Rotate the order each round so no proxy always goes first.
+        n=${#PROXIES[@]}
+        for ((i = 0; i < n; i++)); do
+            measure "$c" "${PROXIES[$(((i + r - 1) % n))]}" "$r"
+        done
+    done
+done
+
+[[ -z ${BENCH_OUT:-} ]] || cp "$RESULTS" "$BENCH_OUT"
+
+echo
+versions="$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}')"
+if [[ " ${PROXIES[*]} " == *" portico "* ]]; then
+    versions="$("$PORTICO_BIN" --version 2>/dev/null | head -1 || echo portico), $versions"
+fi
+echo "$versions; wrk -t1 -c$BENCH_CONNS; ${BENCH_SECONDS}s x $BENCH_ROUNDS round(s); proxy on CPU $PROXY_CPU"
+"$PY" - "$RESULTS" <<'EOF'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+med = {}
+for r in rows:
+    med.setdefault((r["case"], r["proxy"]), []).append(r)
+def m(rs, key):
+    return statistics.median(float(x[key]) for x in rs)
+cases = list(dict.fromkeys(r["case"] for r in rows))
+proxies = list(dict.fromkeys(r["proxy"] for r in rows))
+hdr = "%-6s %-8s %11s %9s %9s %5s %11s %7s" % ("case", "proxy", "req/s", "p50 us", "p99 us",
+                                              "cpu%", "cpu us/req", "errors")
+print(hdr)
+print("-" * len(hdr))
+for c in cases:
+    for p in proxies:
+        rs = med.get((c, p))
+        if not rs:
+            continue
+        print("%-6s %-8s %11.0f %9.0f %9.0f %5.0f %11.2f %7d" % (
+            c, p, m(rs, "rps"), m(rs, "p50_us"), m(rs, "p99_us"), m(rs, "cpu_pct"),
+            m(rs, "cpu_us_per_req"), sum(int(x["errors"]) for x in rs)))
+if "portico" in proxies and len(proxies) > 1:
+    print()
+    others = [p for p in proxies if p != "portico"]
+    cols = []
+    for o in others:
+        cols += ["req/s vs %s" % o, "per-CPU vs %s" % o]
+    print("%-6s " % "case" + " ".join("%18s" % h for h in cols))
+    for c in cases:
+        if (c, "portico") not in med:
+            continue
+        pr, pc = m(med[(c, "portico")], "rps"), m(med[(c, "portico")], "cpu_us_per_req")
+        vals = []
+        for o in others:
+            if (c, o) not in med:
+                vals += ["-", "-"]
+                continue
+            orps, ocpu = m(med[(c, o)], "rps"), m(med[(c, o)], "cpu_us_per_req")
+            vals.append("%.2fx" % (pr / orps) if orps else "-")
+            # Requests per CPU second: the inverse ratio of CPU us per request.
+            vals.append("%.2fx" % (ocpu / pc) if pc else "-")
+        print("%-6s " % c + " ".join("%18s" % v for v in vals))
+if any(int(r["errors"]) for r in rows):
+    print("\nWARNING: some runs had errors (non-2xx or socket errors): see the log above.")
+EOF
