@@ -53,6 +53,46 @@ static struct config *load(const char *file)
     return cfg;
 }
 
+/* Open every listening socket (one per listener per worker, so a busy
+ * port is an error here, not in a thread), create the workers and start
+ * them. Returns -1 after printing why; the caller frees workers[]. */
+static int start_workers(struct config *cfg, struct worker **workers, int nw)
+{
+    char err[512];
+    int *fds = xcalloc(cfg->nlisteners ? cfg->nlisteners : 1, sizeof(int));
+    for (int i = 0; i < nw; i++) {
+        for (size_t l = 0; l < cfg->nlisteners; l++) {
+            fds[l] = worker_listen_socket(&cfg->listeners[l], err, sizeof(err));
+            if (fds[l] < 0) {
+                fprintf(stderr, "portico: %s\n", err);
+                while (l-- > 0)
+                    close(fds[l]);
+                free(fds);
+                return -1;
+            }
+        }
+        workers[i] = worker_new(i, cfg, fds, err, sizeof(err));
+        if (!workers[i]) {
+            fprintf(stderr, "portico: %s\n", err);
+            free(fds);
+            return -1;
+        }
+    }
+    free(fds);
+    for (int i = 0; i < nw; i++) {
+        if (worker_start(workers[i]) != 0) {
+            fprintf(stderr, "portico: cannot start worker thread %d\n", i);
+            /* the started ones must stop before anything is freed */
+            for (int j = 0; j < i; j++) {
+                worker_request_stop(workers[j]);
+                pthread_join(workers[j]->thread, NULL);
+            }
+            return -1;
+        }
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *file = DEFAULT_CONFIG;
@@ -104,28 +144,12 @@ int main(int argc, char **argv)
 
     int nw = cfg->workers;
     struct worker **workers = xcalloc((size_t)nw, sizeof(*workers));
-    int *fds = xcalloc(cfg->nlisteners ? cfg->nlisteners : 1, sizeof(int));
-    char err[512];
-    for (int i = 0; i < nw; i++) {
-        for (size_t l = 0; l < cfg->nlisteners; l++) {
-            fds[l] = worker_listen_socket(&cfg->listeners[l], err, sizeof(err));
-            if (fds[l] < 0) {
-                fprintf(stderr, "portico: %s\n", err);
-                return 1;
-            }
-        }
-        workers[i] = worker_new(i, cfg, fds, err, sizeof(err));
-        if (!workers[i]) {
-            fprintf(stderr, "portico: %s\n", err);
-            return 1;
-        }
-    }
-    free(fds);
-    for (int i = 0; i < nw; i++) {
-        if (worker_start(workers[i]) != 0) {
-            fprintf(stderr, "portico: cannot start worker thread %d\n", i);
-            return 1;
-        }
+    if (start_workers(cfg, workers, nw) < 0) {
+        for (int i = 0; i < nw; i++)
+            worker_free(workers[i]);
+        free(workers);
+        config_unref(cfg);
+        return 1;
     }
     for (size_t l = 0; l < cfg->nlisteners; l++)
         log_info("listening on %s", cfg->listeners[l].address);

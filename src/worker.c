@@ -200,11 +200,15 @@ struct worker *worker_new(int id, struct config *cfg, const int *listen_fds, cha
     event_config_free(ec);
     if (!w->base) {
         snprintf(err, errlen, "worker %d: cannot create an event base", id);
+        for (size_t i = 0; i < cfg->nlisteners; i++)
+            close(listen_fds[i]);
         free(w);
         return NULL;
     }
     if (pipe2(w->ctrl_fd, O_NONBLOCK | O_CLOEXEC) < 0) {
         snprintf(err, errlen, "worker %d: pipe: %s", id, strerror(errno));
+        for (size_t i = 0; i < cfg->nlisteners; i++)
+            close(listen_fds[i]);
         event_base_free(w->base);
         free(w);
         return NULL;
