@@ -2,16 +2,19 @@
  * values, validate every key while building the snapshot, then build the
  * router.
  *
- * The file is read in four passes, each in its own section below:
+ * The file is read in four passes:
  *   1. json_loads (syntax; jansson reports line and column),
- *   2. substitution over every string value,
+ *   2. substitution over every string value (the walk here, each string
+ *      in config_subst.c),
  *   3. validation, which fills struct config and records problems with
  *      the JSON path where they were found (all of them, not the first),
  *   4. when there were problems, a light scan of the raw text that finds
- *      the line of each problem's path (or its nearest ancestor).
+ *      the line of each problem's path or its nearest ancestor
+ *      (config_lines.c).
  * Values that came from substitution may be secrets: a message quotes them
  * only as the template written in the file, never as their value. */
 #include "config.h"
+#include "config_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -29,98 +32,10 @@
 #include "uri.h"
 
 #define MAX_ERRORS 100               /* further problems are counted, not listed */
-#define SECRET_FILE_MAX (1u << 20)   /* "@file" values */
+#define MSG_MAX 1024                 /* longest message, with its value quoted */
 #define CONFIG_FILE_MAX (16u << 20)
 #define DAY_MS 86400000LL
-#define SHOW_MAX 96                  /* longest value quoted in a message */
-#define SHOW_BUF (SHOW_MAX * 6 + 64)  /* room for it escaped */
-
-/* ------------------------------------------------------------------ */
-/* Growable byte buffer, always NUL-terminated.                         */
-
-struct sbuf {
-    char *p;
-    size_t len, cap;
-};
-
-static void sb_reserve(struct sbuf *b, size_t more)
-{
-    if (b->len + more + 1 <= b->cap)
-        return;
-    size_t cap = b->cap ? b->cap : 64;
-    while (cap < b->len + more + 1)
-        cap *= 2;
-    b->p = xrealloc(b->p, cap);
-    b->cap = cap;
-}
-
-static void sb_putn(struct sbuf *b, const char *s, size_t n)
-{
-    sb_reserve(b, n);
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void sb_putc(struct sbuf *b, char c) { sb_putn(b, &c, 1); }
-static void sb_puts(struct sbuf *b, const char *s) { sb_putn(b, s, strlen(s)); }
-
-static void sb_truncate(struct sbuf *b, size_t len)
-{
-    b->len = len;
-    if (b->p)
-        b->p[len] = '\0';
-}
-
-/* Append s as the inside of a JSON-style quoted string: quotes,
- * backslashes and control bytes escaped; cut to max bytes with "...". */
-static void sb_put_escaped(struct sbuf *b, const char *s, size_t n, size_t max)
-{
-    size_t i;
-    for (i = 0; i < n && i < max; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (c == '"' || c == '\\') {
-            sb_putc(b, '\\');
-            sb_putc(b, (char)c);
-        } else if (c < 0x20 || c == 0x7f) {
-            char esc[8];
-            snprintf(esc, sizeof(esc), "\\u%04x", c);
-            sb_puts(b, esc);
-        } else {
-            sb_putc(b, (char)c);
-        }
-    }
-    if (i < n)
-        sb_puts(b, "...");
-}
-
-/* A path component: ".key" (or "key" first) for plain keys, else ["key"].
- * The validator and the line scanner both use this, so their paths agree. */
-static void path_put_key(struct sbuf *b, const char *key, size_t n)
-{
-    int plain = n > 0;
-    for (size_t i = 0; i < n && plain; i++) {
-        char c = key[i];
-        plain = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                c == '_' || c == '-';
-    }
-    if (plain) {
-        if (b->len)
-            sb_putc(b, '.');
-        sb_putn(b, key, n);
-    } else {
-        sb_puts(b, "[\"");
-        sb_put_escaped(b, key, n, SIZE_MAX);
-        sb_puts(b, "\"]");
-    }
-}
-
-static void path_put_index(struct sbuf *b, size_t i)
-{
-    char tmp[32];
-    snprintf(tmp, sizeof(tmp), "[%zu]", i);
-    sb_puts(b, tmp);
-}
+#define SHOW_BUF (SHOW_MAX * 6 + 64)  /* room for a value SHOW_MAX long, escaped */
 
 /* ------------------------------------------------------------------ */
 /* The load context and error collection.                               */
@@ -164,13 +79,13 @@ static void mark_push(struct load *ld)
 static void push_key(struct load *ld, const char *key)
 {
     mark_push(ld);
-    path_put_key(&ld->path, key, strlen(key));
+    config_path_put_key(&ld->path, key, strlen(key));
 }
 
 static void push_index(struct load *ld, size_t i)
 {
     mark_push(ld);
-    path_put_index(&ld->path, i);
+    config_path_put_index(&ld->path, i);
 }
 
 static void pop(struct load *ld)
@@ -203,7 +118,7 @@ static void __attribute__((format(printf, 2, 0))) verr(struct load *ld, const ch
         ld->probs = xrealloc(ld->probs, ld->cprobs * sizeof(*ld->probs));
     }
     struct problem *p = &ld->probs[ld->nprobs++];
-    char msg[1024];
+    char msg[MSG_MAX];
     vsnprintf(msg, sizeof(msg), fmt, ap);
     p->msg = xstrdup(msg);
     p->path = xstrdup(ld->path.p ? ld->path.p : "");
@@ -284,194 +199,30 @@ static const char *show(const struct load *ld, const json_t *v, char *buf, size_
 /* ------------------------------------------------------------------ */
 /* Pass 2: substitution of ${VAR}, ${VAR:-default}, $$ and @file.        */
 
-static int is_var_start(char c)
-{
-    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '_';
-}
-
-static int is_var_char(char c) { return is_var_start(c) || (c >= '0' && c <= '9'); }
-
-/* Expand s[0..n) into out. Sets *used when a variable was expanded.
- * Returns 0, or -1 after recording a problem. */
-static int expand_env(struct load *ld, const char *s, size_t n, struct sbuf *out, int *used)
-{
-    size_t i = 0;
-    while (i < n) {
-        if (s[i] != '$' || i + 1 >= n || (s[i + 1] != '$' && s[i + 1] != '{')) {
-            sb_putc(out, s[i++]);
-            continue;
-        }
-        if (s[i + 1] == '$') {
-            sb_putc(out, '$');
-            i += 2;
-            continue;
-        }
-        const char *close = memchr(s + i + 2, '}', n - i - 2);
-        if (!close) {
-            err(ld, "unterminated \"${\" (write \"$$\" for a literal '$')");
-            return -1;
-        }
-        const char *name = s + i + 2, *q = name;
-        if (q < close && is_var_start(*q))
-            while (q < close && is_var_char(*q))
-                q++;
-        size_t nlen = (size_t)(q - name);
-        int has_default = close - q >= 2 && q[0] == ':' && q[1] == '-';
-        if (nlen == 0 || (q != close && !has_default)) {
-            err(ld, "\"${\" must be followed by a variable name and \"}\" or \":-default}\", "
-                    "like ${PORT} or ${PORT:-8080}");
-            return -1;
-        }
-        char var[256];
-        if (nlen >= sizeof(var)) {
-            err(ld, "environment variable name is too long");
-            return -1;
-        }
-        memcpy(var, name, nlen);
-        var[nlen] = '\0';
-        const char *val = getenv(var);
-        if (has_default && (!val || !*val)) {
-            sb_putn(out, q + 2, (size_t)(close - q - 2));
-        } else if (!val) {
-            err(ld, "environment variable \"%s\" is not set", var);
-            return -1;
-        } else {
-            sb_puts(out, val);
-            *used = 1;
-        }
-        i = (size_t)(close - s) + 1;
-    }
-    return 0;
-}
-
-/* Read a whole secret file into out, one trailing newline removed.
- * shown names the file in messages. */
-static int read_secret(struct load *ld, const char *path, const char *shown, struct sbuf *out)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-    if (fd < 0) {
-        err(ld, "cannot read \"%s\": %s", shown, strerror(errno));
-        return -1;
-    }
-    struct stat st;
-    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-        err(ld, "\"%s\" is not a regular file", shown);
-        close(fd);
-        return -1;
-    }
-    sb_reserve(out, SECRET_FILE_MAX + 1);
-    size_t start = out->len;
-    for (;;) {
-        ssize_t r = read(fd, out->p + out->len, SECRET_FILE_MAX + 1 - (out->len - start));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0) {
-            err(ld, "cannot read \"%s\": %s", shown, strerror(errno));
-            close(fd);
-            return -1;
-        }
-        out->len += (size_t)r;
-        if (r == 0 || out->len - start > SECRET_FILE_MAX)
-            break;
-    }
-    close(fd);
-    out->p[out->len] = '\0';
-    if (out->len - start > SECRET_FILE_MAX) {
-        err(ld, "\"%s\" is larger than 1 MiB", shown);
-        return -1;
-    }
-    if (memchr(out->p + start, '\0', out->len - start)) {
-        err(ld, "\"%s\" contains a NUL byte", shown);
-        return -1;
-    }
-    if (out->len > start && out->p[out->len - 1] == '\n')
-        sb_truncate(out, out->len - 1);
-    if (out->len > start && out->p[out->len - 1] == '\r')
-        sb_truncate(out, out->len - 1);
-    return 0;
-}
-
-/* Relative paths are taken from the config file's directory. */
-static char *resolve_path(const struct load *ld, const char *p)
-{
-    if (p[0] == '/' || !ld->dir)
-        return xstrdup(p);
-    struct sbuf b = { 0 };
-    sb_puts(&b, ld->dir);
-    sb_putc(&b, '/');
-    sb_puts(&b, p);
-    return b.p;
-}
-
-/* "@path" -> the file's content; "@@x" -> "@x"; else ${...} expansion. */
-static int subst_value(struct load *ld, const char *s, size_t n, struct sbuf *out, int *changed)
-{
-    int used = 0;
-    if (n >= 2 && s[0] == '@' && s[1] == '@') {
-        sb_putc(out, '@');
-        return expand_env(ld, s + 2, n - 2, out, changed);
-    }
-    if (n == 0 || s[0] != '@')
-        return expand_env(ld, s, n, out, changed);
-
-    struct sbuf path = { 0 };
-    int rc = expand_env(ld, s + 1, n - 1, &path, &used);
-    if (rc == 0 && path.len == 0) {
-        err(ld, "\"@\" must be followed by a file path (write \"@@\" for a literal '@')");
-        rc = -1;
-    }
-    if (rc == 0) {
-        char *full = resolve_path(ld, path.p);
-        struct sbuf shown = { 0 };
-        if (used) /* the path itself came from the environment: show the template */
-            sb_put_escaped(&shown, s + 1, n - 1, SHOW_MAX);
-        else
-            sb_put_escaped(&shown, full, strlen(full), 4 * SHOW_MAX);
-        rc = read_secret(ld, full, shown.p, out);
-        free(full);
-        free(shown.p);
-        *changed = 1;
-    }
-    free(path.p);
-    return rc;
-}
-
-static void subst_note_add(struct load *ld, const json_t *v, const char *template, size_t n)
+/* Takes template (malloc'd). */
+static void subst_note_add(struct load *ld, const json_t *v, char *template)
 {
     if (ld->nnotes == ld->cnotes) {
         ld->cnotes = ld->cnotes ? ld->cnotes * 2 : 8;
         ld->notes = xrealloc(ld->notes, ld->cnotes * sizeof(*ld->notes));
     }
     ld->notes[ld->nnotes].v = v;
-    ld->notes[ld->nnotes].template = xstrndup(template, n);
+    ld->notes[ld->nnotes].template = template;
     ld->nnotes++;
 }
 
+/* A failure is recorded at the value's path, which is then tainted:
+ * validation would only complain again about the unsubstituted text. */
 static void subst_string(struct load *ld, json_t *v)
 {
-    const char *s = json_string_value(v);
-    size_t n = json_string_length(v);
-    if (!memchr(s, '$', n) && (n == 0 || s[0] != '@'))
-        return;
-    struct sbuf out = { 0 };
-    int changed = 0;
-    sb_reserve(&out, n);
-    if (subst_value(ld, s, n, &out, &changed) < 0) {
+    char why[MSG_MAX], *template;
+    int rc = config_subst_string(v, ld->dir, &template, why, sizeof(why));
+    if (rc < 0) {
+        err(ld, "%s", why);
         taint_current(ld);
-    } else if (changed) {
-        char *template = xstrndup(s, n);
-        /* json_string_setn checks UTF-8: environment values and files may not be. */
-        if (json_string_setn(v, out.p, out.len) < 0) {
-            err(ld, "the substituted value is not valid UTF-8");
-            taint_current(ld);
-        } else {
-            subst_note_add(ld, v, template, n);
-        }
-        free(template);
-    } else if (out.len != n || memcmp(out.p, s, n) != 0) {
-        json_string_setn(v, out.p, out.len); /* only "$$" or "@@": valid UTF-8 stays valid */
+    } else if (rc > 0) {
+        subst_note_add(ld, v, template);
     }
-    free(out.p);
 }
 
 static void subst_walk(struct load *ld, json_t *v)
@@ -863,7 +614,7 @@ static void parse_access_log(struct load *ld, json_t *root)
     if (strcmp(path, "-") == 0 || strcmp(path, "off") == 0)
         ld->cfg->access_log.path = xstrdup(path);
     else
-        ld->cfg->access_log.path = resolve_path(ld, path);
+        ld->cfg->access_log.path = config_resolve_path(ld->dir, path);
 }
 
 static void parse_trusted_proxies(struct load *ld, json_t *root)
@@ -1384,223 +1135,7 @@ static void parse_root(struct load *ld, json_t *root)
 }
 
 /* ------------------------------------------------------------------ */
-/* Pass 4: line numbers. The text parsed fine, so a small scanner can walk
- * it and note the line where each wanted path's key (or array element)
- * starts. Any surprise just stops the scan: lines are a help, not a must. */
-
-struct needle {
-    const char *s;    /* a problem's path ... */
-    size_t len;       /* ... cut to this length */
-    int *line;        /* where to store the line found */
-};
-
-struct scan {
-    const char *p, *end;
-    int line, depth;
-    struct sbuf path, key;
-    struct needle *needles;
-    size_t nneedles;
-};
-
-static int needle_cmp(const void *a, const void *b)
-{
-    const struct needle *x = a, *y = b;
-    size_t n = x->len < y->len ? x->len : y->len;
-    int c = memcmp(x->s, y->s, n);
-    return c ? c : (x->len < y->len ? -1 : x->len > y->len);
-}
-
-static void scan_hit(struct scan *sc, int line)
-{
-    struct needle key = { sc->path.p, sc->path.len, NULL };
-    struct needle *hit = bsearch(&key, sc->needles, sc->nneedles, sizeof(key), needle_cmp);
-    if (!hit)
-        return;
-    struct needle *lo = hit, *hi = hit;
-    while (lo > sc->needles && needle_cmp(lo - 1, &key) == 0)
-        lo--;
-    while (hi + 1 < sc->needles + sc->nneedles && needle_cmp(hi + 1, &key) == 0)
-        hi++;
-    for (; lo <= hi; lo++)
-        if (*lo->line == 0)
-            *lo->line = line;
-}
-
-static void scan_ws(struct scan *sc)
-{
-    while (sc->p < sc->end && (*sc->p == ' ' || *sc->p == '\t' || *sc->p == '\r' || *sc->p == '\n')) {
-        if (*sc->p == '\n')
-            sc->line++;
-        sc->p++;
-    }
-}
-
-static int hexval(char c)
-{
-    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
-         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-}
-
-static int scan_hex4(struct scan *sc, unsigned *out)
-{
-    if (sc->end - sc->p < 4)
-        return -1;
-    *out = 0;
-    for (int i = 0; i < 4; i++) {
-        int h = hexval(sc->p[i]);
-        if (h < 0)
-            return -1;
-        *out = *out << 4 | (unsigned)h;
-    }
-    sc->p += 4;
-    return 0;
-}
-
-static void put_utf8(struct sbuf *b, unsigned cp)
-{
-    char u[4];
-    size_t n;
-    if (cp < 0x80) {
-        u[0] = (char)cp, n = 1;
-    } else if (cp < 0x800) {
-        u[0] = (char)(0xc0 | cp >> 6), u[1] = (char)(0x80 | (cp & 0x3f)), n = 2;
-    } else if (cp < 0x10000) {
-        u[0] = (char)(0xe0 | cp >> 12), u[1] = (char)(0x80 | ((cp >> 6) & 0x3f));
-        u[2] = (char)(0x80 | (cp & 0x3f)), n = 3;
-    } else {
-        u[0] = (char)(0xf0 | cp >> 18), u[1] = (char)(0x80 | ((cp >> 12) & 0x3f));
-        u[2] = (char)(0x80 | ((cp >> 6) & 0x3f)), u[3] = (char)(0x80 | (cp & 0x3f)), n = 4;
-    }
-    sb_putn(b, u, n);
-}
-
-/* A string at sc->p (the opening quote); decoded into out when out. */
-static int scan_string(struct scan *sc, struct sbuf *out)
-{
-    sc->p++;
-    while (sc->p < sc->end && *sc->p != '"') {
-        char c = *sc->p++;
-        if (c != '\\') {
-            if (out)
-                sb_putc(out, c);
-            continue;
-        }
-        if (sc->p >= sc->end)
-            return -1;
-        c = *sc->p++;
-        if (c == 'u') {
-            unsigned cp, lo;
-            if (scan_hex4(sc, &cp) < 0)
-                return -1;
-            if (cp >= 0xd800 && cp < 0xdc00) {
-                if (sc->end - sc->p < 2 || sc->p[0] != '\\' || sc->p[1] != 'u')
-                    return -1;
-                sc->p += 2;
-                if (scan_hex4(sc, &lo) < 0 || lo < 0xdc00 || lo > 0xdfff)
-                    return -1;
-                cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
-            }
-            if (out)
-                put_utf8(out, cp);
-        } else if (out) {
-            const char *from = "\"\\/bfnrt", *to = "\"\\/\b\f\n\r\t";
-            const char *f = strchr(from, c);
-            if (!f || !c)
-                return -1;
-            sb_putc(out, to[f - from]);
-        }
-    }
-    if (sc->p >= sc->end)
-        return -1;
-    sc->p++;
-    return 0;
-}
-
-static int scan_value(struct scan *sc);
-
-static int scan_object(struct scan *sc)
-{
-    sc->p++;
-    scan_ws(sc);
-    if (sc->p < sc->end && *sc->p == '}') {
-        sc->p++;
-        return 0;
-    }
-    for (;;) {
-        scan_ws(sc);
-        if (sc->p >= sc->end || *sc->p != '"')
-            return -1;
-        int line = sc->line;
-        sb_truncate(&sc->key, 0);
-        if (scan_string(sc, &sc->key) < 0)
-            return -1;
-        size_t mark = sc->path.len;
-        path_put_key(&sc->path, sc->key.p ? sc->key.p : "", sc->key.len);
-        scan_hit(sc, line);
-        scan_ws(sc);
-        if (sc->p >= sc->end || *sc->p++ != ':' || scan_value(sc) < 0)
-            return -1;
-        sb_truncate(&sc->path, mark);
-        scan_ws(sc);
-        if (sc->p >= sc->end)
-            return -1;
-        char c = *sc->p++;
-        if (c == '}')
-            return 0;
-        if (c != ',')
-            return -1;
-    }
-}
-
-static int scan_array(struct scan *sc)
-{
-    sc->p++;
-    scan_ws(sc);
-    if (sc->p < sc->end && *sc->p == ']') {
-        sc->p++;
-        return 0;
-    }
-    for (size_t i = 0;; i++) {
-        scan_ws(sc);
-        size_t mark = sc->path.len;
-        path_put_index(&sc->path, i);
-        scan_hit(sc, sc->line);
-        if (scan_value(sc) < 0)
-            return -1;
-        sb_truncate(&sc->path, mark);
-        scan_ws(sc);
-        if (sc->p >= sc->end)
-            return -1;
-        char c = *sc->p++;
-        if (c == ']')
-            return 0;
-        if (c != ',')
-            return -1;
-    }
-}
-
-static int scan_value(struct scan *sc)
-{
-    int rc;
-    scan_ws(sc);
-    if (sc->p >= sc->end || sc->depth > 4096)
-        return -1;
-    sc->depth++;
-    if (*sc->p == '{')
-        rc = scan_object(sc);
-    else if (*sc->p == '[')
-        rc = scan_array(sc);
-    else if (*sc->p == '"')
-        rc = scan_string(sc, NULL);
-    else {
-        const char *start = sc->p;
-        while (sc->p < sc->end && !strchr(",]} \t\r\n", *sc->p))
-            sc->p++;
-        rc = sc->p > start ? 0 : -1;
-    }
-    sc->depth--;
-    return rc;
-}
+/* Pass 4: the line of each problem's path and of its ancestors. */
 
 static void find_lines(struct load *ld, const char *text)
 {
@@ -1609,19 +1144,15 @@ static void find_lines(struct load *ld, const char *text)
         n += ld->probs[i].ncuts;
     if (n == 0)
         return;
-    struct scan sc = { .p = text, .end = text + strlen(text), .line = 1 };
-    sc.needles = xcalloc(n, sizeof(*sc.needles));
+    struct config_line_query *q = xcalloc(n, sizeof(*q));
+    size_t nq = 0;
     for (size_t i = 0; i < ld->nprobs; i++) {
         struct problem *p = &ld->probs[i];
         for (size_t k = 0; k < p->ncuts; k++)
-            sc.needles[sc.nneedles++] = (struct needle){ p->path, p->cuts[k], &p->lines[k] };
+            q[nq++] = (struct config_line_query){ p->path, p->cuts[k], &p->lines[k] };
     }
-    qsort(sc.needles, sc.nneedles, sizeof(*sc.needles), needle_cmp);
-    sb_reserve(&sc.path, 64);
-    scan_value(&sc);
-    free(sc.needles);
-    free(sc.path.p);
-    free(sc.key.p);
+    config_lines_find(text, q, nq);
+    free(q);
 }
 
 /* ------------------------------------------------------------------ */

@@ -3,7 +3,7 @@
  *
  * Build and run from the source tree:
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -Isrc $(pkg-config --cflags jansson) \
- *     tests/fuzz/fuzz_config.c src/config.c src/addr.c src/router.c src/uri.c src/http1.c \
+ *     tests/fuzz/fuzz_config.c src/config.c src/config_subst.c src/config_lines.c src/addr.c src/router.c src/uri.c src/http1.c \
  *     src/log.c $(pkg-config --libs jansson) -o fuzz_config
  *   ./fuzz_config -max_total_time=60 corpus-work tests/fuzz/corpus/config */
 #include <stdint.h>
