@@ -906,8 +906,7 @@ static int response_head(struct conn *c)
         .max_headers = l->max_headers,
         .max_target_bytes = l->max_uri_bytes,
     };
-    size_t scanned = 0;
-    int rc = http_parse_response(buf_head(&u->in), buf_len(&u->in), &scanned, &pl, &r->resp);
+    int rc = http_parse_response(buf_head(&u->in), buf_len(&u->in), &r->resp_scanned, &pl, &r->resp);
     if (rc == 0)
         return 0;
     if (rc < 0) {
@@ -924,7 +923,11 @@ static int response_head(struct conn *c)
             return 1;
         }
         buf_consume(&u->in, (size_t)rc);
+        struct http_header *keep = r->resp.headers;
         memset(&r->resp, 0, sizeof(r->resp));
+        r->resp.headers = keep;
+        r->resp.max_headers_cap = l->max_headers;
+        r->resp_scanned = 0;
         return 1;
     }
     enum http_body_kind kind = http_response_body_kind(&r->resp, r->head.method);

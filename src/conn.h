@@ -84,6 +84,7 @@ struct request {
     struct http_chunked rs_chunk;
     int rs_last_chunk;
     struct http_response resp;
+    size_t resp_scanned;           /* response head parser resume point */
     /* upstream */
     const struct config_endpoint *ep;
     char *up_head;                 /* copy of the upstream head for one retry, or NULL */

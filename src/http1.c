@@ -34,14 +34,14 @@
 
 #include <string.h>
 
-#define DEFAULT_HEAD_BYTES   16384
-#define DEFAULT_HEADERS      100
-#define DEFAULT_TARGET_BYTES 8192
-#define HEAD_BYTES_CAP       ((size_t)1 << 30)
-#define LEAD_CRLF_MAX        4  /* empty lines ignored before a request-line */
-#define REQLINE_SLACK        64 /* method, two SP and version around a target */
-#define LENGTH_MAX           ((uint64_t)1 << 62)
-#define CHUNK_LINE_MAX       4096 /* chunk-size or trailer line, without CRLF */
+#define DEFAULT_HEAD_BYTES    16384
+#define DEFAULT_HEADERS       100
+#define DEFAULT_TARGET_BYTES  8192
+#define HEAD_BYTES_CAP        ((size_t)1 << 30)
+#define LEAD_CRLF_MAX         4  /* empty lines ignored before a request-line */
+#define REQLINE_SLACK         64 /* method, two SP and version around a target */
+#define LENGTH_MAX            ((uint64_t)1 << 62)
+#define CHUNK_LINE_MAX        4096 /* chunk-size or trailer line, without CRLF */
 #define TRAILER_BYTES_DEFAULT 8192
 
 /* ---- errors ---- */
@@ -115,10 +115,9 @@ static const uint8_t cls[256] = {
 
 /* Hex digit value plus one; 0 for anything else. */
 static const uint8_t unhex[256] = {
-    ['0'] = 1,   ['1'] = 2,   ['2'] = 3,   ['3'] = 4,   ['4'] = 5,   ['5'] = 6,
-    ['6'] = 7,   ['7'] = 8,   ['8'] = 9,   ['9'] = 10,  ['a'] = 11,  ['b'] = 12,
-    ['c'] = 13,  ['d'] = 14,  ['e'] = 15,  ['f'] = 16,  ['A'] = 11,  ['B'] = 12,
-    ['C'] = 13,  ['D'] = 14,  ['E'] = 15,  ['F'] = 16,
+    ['0'] = 1,  ['1'] = 2,  ['2'] = 3,  ['3'] = 4,  ['4'] = 5,  ['5'] = 6,  ['6'] = 7,  ['7'] = 8,
+    ['8'] = 9,  ['9'] = 10, ['a'] = 11, ['b'] = 12, ['c'] = 13, ['d'] = 14, ['e'] = 15, ['f'] = 16,
+    ['A'] = 11, ['B'] = 12, ['C'] = 13, ['D'] = 14, ['E'] = 15, ['F'] = 16,
 };
 
 static inline int is_class(char c, unsigned mask)
@@ -151,18 +150,69 @@ static int ascii_case_eq(const char *a, size_t alen, const char *b, size_t blen)
     return 1;
 }
 
-/* The end of the run of field-value bytes starting at p (at most end).
- * Eight bytes at a time while none is below 0x20 or equal to DEL; the
- * table decides the rest (HTAB is fine but trips the fast test). */
+/* Scanners for the two long runs of a head: field values (VCHAR, SP,
+ * HTAB, obs-text) and request-targets (visible ASCII). Each returns the
+ * first byte at or after p, before end, outside its set, or end. Sixteen
+ * bytes at a time with SSE2 (baseline on x86-64), else eight with SWAR
+ * arithmetic; the tables decide the tail. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+
 static const char *value_end(const char *p, const char *end)
 {
+    const __m128i below = _mm_set1_epi8(0x1f), del = _mm_set1_epi8(0x7f);
+    while (end - p >= 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(const void *)p);
+        __m128i bad =
+            _mm_or_si128(_mm_cmpeq_epi8(_mm_min_epu8(x, below), x), _mm_cmpeq_epi8(x, del));
+        unsigned m = (unsigned)_mm_movemask_epi8(bad);
+        if (!m) {
+            p += 16;
+            continue;
+        }
+        p += __builtin_ctz(m);
+        if (*p != '\t') /* HTAB is the one control byte allowed */
+            return p;
+        p++;
+    }
+    while (p < end && is_class(*p, C_VALUE))
+        p++;
+    return p;
+}
+
+static const char *target_end(const char *p, const char *end)
+{
+    const __m128i sp = _mm_set1_epi8(0x20), del = _mm_set1_epi8(0x7f);
+    while (end - p >= 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(const void *)p);
+        /* signed compares: bytes 0x80-0xff are negative, hence refused */
+        __m128i good = _mm_and_si128(_mm_cmpgt_epi8(x, sp), _mm_cmplt_epi8(x, del));
+        unsigned m = ~(unsigned)_mm_movemask_epi8(good) & 0xffffu;
+        if (m)
+            return p + __builtin_ctz(m);
+        p += 16;
+    }
+    while (p < end && is_class(*p, C_TARGET))
+        p++;
+    return p;
+}
+#else
+/* Does any byte of w fall below 0x20 or equal DEL? (exact, per the
+ * classic "has less than" and "has zero byte" word tricks) */
+static inline int swar_has_ctl(uint64_t w)
+{
     const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+    uint64_t x = w ^ (ones * 0x7f);
+    return (((w - ones * 0x20) & ~w & highs) | ((x - ones) & ~x & highs)) != 0;
+}
+
+static const char *value_end(const char *p, const char *end)
+{
     for (;;) {
         while (end - p >= 8) {
-            uint64_t w, x;
+            uint64_t w;
             memcpy(&w, p, 8);
-            x = w ^ (ones * 0x7f);
-            if (((w - ones * 0x20) & ~w & highs) | ((x - ones) & ~x & highs))
+            if (swar_has_ctl(w))
                 break;
             p += 8;
         }
@@ -173,6 +223,14 @@ static const char *value_end(const char *p, const char *end)
             return p;
     }
 }
+
+static const char *target_end(const char *p, const char *end)
+{
+    while (p < end && is_class(*p, C_TARGET))
+        p++;
+    return p;
+}
+#endif
 
 /* ---- limits ---- */
 
@@ -402,6 +460,38 @@ static int transfer_encoding_note(const char *v, size_t n, struct facts *f)
     }
 }
 
+/* The next non-empty element of a comma-separated list, OWS trimmed, or
+ * NULL at the end; *i is the cursor (start at 0). */
+static const char *list_next(const char *v, size_t n, size_t *i, size_t *elen)
+{
+    size_t k = *i;
+    while (k < n && (is_ows(v[k]) || v[k] == ','))
+        k++;
+    if (k == n)
+        return NULL;
+    size_t s = k;
+    while (k < n && v[k] != ',')
+        k++;
+    size_t e = k;
+    while (is_ows(v[e - 1]))
+        e--;
+    *i = k;
+    *elen = e - s;
+    return v + s;
+}
+
+static void connection_note(const char *v, size_t n, struct facts *f)
+{
+    size_t i = 0, el;
+    const char *e;
+    while ((e = list_next(v, n, &i, &el))) {
+        if (ascii_case_eq(e, el, "close", 5))
+            f->close = 1;
+        else if (ascii_case_eq(e, el, "keep-alive", 10))
+            f->keep_alive = 1;
+    }
+}
+
 /* Fold one field into the facts. Returns 0 or a 400 refusal. */
 static int field_note(const struct http_header *h, struct facts *f)
 {
@@ -427,12 +517,8 @@ static int field_note(const struct http_header *h, struct facts *f)
             f->upgrade = 1;
         return 0;
     case 10:
-        if (!name_is(n, "connection", 10))
-            return 0;
-        if (http_list_has(v, vlen, "close"))
-            f->close = 1;
-        if (http_list_has(v, vlen, "keep-alive"))
-            f->keep_alive = 1;
+        if (name_is(n, "connection", 10))
+            connection_note(v, vlen, f);
         return 0;
     case 14:
         if (!name_is(n, "content-length", 14))
@@ -484,7 +570,7 @@ static int fields_parse(const char *p, const char *end, struct http_header *hdrs
 
 static enum http_method method_lookup(const char *m, size_t n)
 {
-#define M(lit, val) \
+#define M(lit, val)             \
     if (memcmp(m, lit, n) == 0) \
         return val;
     switch (n) {
@@ -539,8 +625,7 @@ static int request_line_parse(const char **pp, const char *end, const struct lim
     req->method_str.len = (size_t)(p - m);
 
     const char *t = ++p;
-    while (is_class(*p, C_TARGET))
-        p++;
+    p = target_end(p, end);
     size_t tlen = (size_t)(p - t);
     if (tlen > lim->target)
         return refuse(414, "request-target too long");
@@ -685,8 +770,7 @@ int http_parse_request(const char *buf, size_t len, size_t *scanned,
 static int status_line_parse(const char **pp, const char *end, struct http_response *resp)
 {
     const char *p = *pp;
-    if (end - p < 14 || memcmp(p, "HTTP/1.", 7) != 0 || (p[7] != '0' && p[7] != '1') ||
-        p[8] != ' ')
+    if (end - p < 14 || memcmp(p, "HTTP/1.", 7) != 0 || (p[7] != '0' && p[7] != '1') || p[8] != ' ')
         return refuse(502, "invalid status line");
     resp->minor = p[7] - '0';
     if (!is_digit(p[9]) || !is_digit(p[10]) || !is_digit(p[11]))
@@ -731,8 +815,8 @@ int http_parse_response(const char *buf, size_t len, size_t *scanned,
 
     if (status_line_parse(&p, e, resp) < 0)
         return -502;
-    if (fields_parse(p, e, resp->headers, resp->max_headers_cap, l.headers, &resp->nheaders,
-                     &f) < 0)
+    if (fields_parse(p, e, resp->headers, resp->max_headers_cap, l.headers, &resp->nheaders, &f) <
+        0)
         return -502;
     if (f.te_fields) {
         if (f.content_length >= 0)
@@ -1047,75 +1131,83 @@ int http_token_eq(const char *a, size_t alen, const char *lit)
 
 int http_list_has(const char *v, size_t vlen, const char *lit)
 {
-    size_t litlen = strlen(lit), i = 0;
-    while (i < vlen) {
-        while (i < vlen && (is_ows(v[i]) || v[i] == ','))
-            i++;
-        size_t s = i;
-        while (i < vlen && v[i] != ',')
-            i++;
-        size_t e = i;
-        while (e > s && is_ows(v[e - 1]))
-            e--;
-        if (e > s && ascii_case_eq(v + s, e - s, lit, litlen))
+    size_t litlen = strlen(lit), i = 0, el;
+    const char *e;
+    while ((e = list_next(v, vlen, &i, &el)))
+        if (ascii_case_eq(e, el, lit, litlen))
             return 1;
-    }
     return 0;
 }
 
+/* Reason phrases (RFC 9110 section 15), indexed by class then code % 100. */
+static const char *const reasons_1xx[2] = {
+    [0] = "Continue",
+    [1] = "Switching Protocols",
+};
+static const char *const reasons_2xx[7] = {
+    [0] = "OK",
+    [1] = "Created",
+    [2] = "Accepted",
+    [3] = "Non-Authoritative Information",
+    [4] = "No Content",
+    [5] = "Reset Content",
+    [6] = "Partial Content",
+};
+static const char *const reasons_3xx[9] = {
+    [0] = "Multiple Choices",   [1] = "Moved Permanently",  [2] = "Found",
+    [3] = "See Other",          [4] = "Not Modified",       [5] = "Use Proxy",
+    [7] = "Temporary Redirect", [8] = "Permanent Redirect",
+};
+static const char *const reasons_4xx[52] = {
+    [0] = "Bad Request",
+    [1] = "Unauthorized",
+    [2] = "Payment Required",
+    [3] = "Forbidden",
+    [4] = "Not Found",
+    [5] = "Method Not Allowed",
+    [6] = "Not Acceptable",
+    [7] = "Proxy Authentication Required",
+    [8] = "Request Timeout",
+    [9] = "Conflict",
+    [10] = "Gone",
+    [11] = "Length Required",
+    [12] = "Precondition Failed",
+    [13] = "Content Too Large",
+    [14] = "URI Too Long",
+    [15] = "Unsupported Media Type",
+    [16] = "Range Not Satisfiable",
+    [17] = "Expectation Failed",
+    [18] = "I'm a teapot",
+    [21] = "Misdirected Request",
+    [22] = "Unprocessable Content",
+    [25] = "Too Early",
+    [26] = "Upgrade Required",
+    [28] = "Precondition Required",
+    [29] = "Too Many Requests",
+    [31] = "Request Header Fields Too Large",
+    [51] = "Unavailable For Legal Reasons",
+};
+static const char *const reasons_5xx[6] = {
+    [0] = "Internal Server Error", [1] = "Not Implemented", [2] = "Bad Gateway",
+    [3] = "Service Unavailable",   [4] = "Gateway Timeout", [5] = "HTTP Version Not Supported",
+};
+
 const char *http_status_reason(int status)
 {
-    switch (status) {
-    case 100: return "Continue";
-    case 101: return "Switching Protocols";
-    case 200: return "OK";
-    case 201: return "Created";
-    case 202: return "Accepted";
-    case 203: return "Non-Authoritative Information";
-    case 204: return "No Content";
-    case 205: return "Reset Content";
-    case 206: return "Partial Content";
-    case 300: return "Multiple Choices";
-    case 301: return "Moved Permanently";
-    case 302: return "Found";
-    case 303: return "See Other";
-    case 304: return "Not Modified";
-    case 305: return "Use Proxy";
-    case 307: return "Temporary Redirect";
-    case 308: return "Permanent Redirect";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 402: return "Payment Required";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 406: return "Not Acceptable";
-    case 407: return "Proxy Authentication Required";
-    case 408: return "Request Timeout";
-    case 409: return "Conflict";
-    case 410: return "Gone";
-    case 411: return "Length Required";
-    case 412: return "Precondition Failed";
-    case 413: return "Content Too Large";
-    case 414: return "URI Too Long";
-    case 415: return "Unsupported Media Type";
-    case 416: return "Range Not Satisfiable";
-    case 417: return "Expectation Failed";
-    case 418: return "I'm a teapot";
-    case 421: return "Misdirected Request";
-    case 422: return "Unprocessable Content";
-    case 425: return "Too Early";
-    case 426: return "Upgrade Required";
-    case 428: return "Precondition Required";
-    case 429: return "Too Many Requests";
-    case 431: return "Request Header Fields Too Large";
-    case 451: return "Unavailable For Legal Reasons";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    case 505: return "HTTP Version Not Supported";
-    default: return "Unknown";
-    }
+    static const struct {
+        const char *const *text;
+        int n;
+    } by_class[6] = {
+        [1] = { reasons_1xx, (int)(sizeof(reasons_1xx) / sizeof(reasons_1xx[0])) },
+        [2] = { reasons_2xx, (int)(sizeof(reasons_2xx) / sizeof(reasons_2xx[0])) },
+        [3] = { reasons_3xx, (int)(sizeof(reasons_3xx) / sizeof(reasons_3xx[0])) },
+        [4] = { reasons_4xx, (int)(sizeof(reasons_4xx) / sizeof(reasons_4xx[0])) },
+        [5] = { reasons_5xx, (int)(sizeof(reasons_5xx) / sizeof(reasons_5xx[0])) },
+    };
+    if (status < 100 || status > 599)
+        return "Unknown";
+    int cls_i = status / 100, code = status % 100;
+    if (code >= by_class[cls_i].n || !by_class[cls_i].text[code])
+        return "Unknown";
+    return by_class[cls_i].text[code];
 }
