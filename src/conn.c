@@ -190,11 +190,8 @@ static int client_flush(struct conn *c)
 
 static int method_is_head(const struct conn *c) { return c->req.head.method == HTTP_M_HEAD; }
 
-/* Queue a complete local answer. body may point at memory that outlives
- * the request (config); it is written from there without a copy when
- * large. extra: preformatted header lines ("Name: value\r\n") or NULL. */
-static void respond(struct conn *c, int status, const char *ctype, const char *body, size_t blen,
-                    const char *extra)
+/* Queue the head of a local answer. */
+static void local_head(struct conn *c, int status, const char *ctype, size_t blen, const char *extra)
 {
     struct request *r = &c->req;
     char head[1024];
@@ -212,51 +209,44 @@ static void respond(struct conn *c, int status, const char *ctype, const char *b
     if (n < 0 || (size_t)n >= sizeof(head))
         die("local response head too long");
     buf_append(&c->out, head, (size_t)n);
-    if (!method_is_head(c) && blen) {
-        if (blen <= 4096 && buf_can_append(&c->out, blen)) {
-            buf_append(&c->out, body, blen);
-        } else {
-            c->sp = body;
-            c->sp_src = NULL;
-            c->sp_len = blen;
-        }
-    }
     r->status = status;
     r->resp_started = 1;
     r->rs = RS_LOCAL;
     c->state = CS_REQUEST;
 }
 
+/* Queue a complete local answer. body must outlive the request (it is
+ * the config's): when large it is written from there without a copy.
+ * extra: preformatted header lines ("Name: value\r\n") or NULL. */
+static void respond(struct conn *c, int status, const char *ctype, const char *body, size_t blen,
+                    const char *extra)
+{
+    local_head(c, status, ctype, blen, extra);
+    if (method_is_head(c) || !blen)
+        return;
+    if (blen <= 4096 && buf_can_append(&c->out, blen)) {
+        buf_append(&c->out, body, blen);
+    } else {
+        c->sp = body;
+        c->sp_src = NULL;
+        c->sp_len = blen;
+    }
+}
+
+/* A JSON error answer. Answers given while a request body may still be
+ * on its way end the connection: what follows cannot be trusted. */
 static void respond_error(struct conn *c, int status, const char *extra)
 {
     char body[160];
     int n = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"status\":%d}\n",
                      http_status_reason(status), status);
-    /* Framing errors, and answers given while the body may still be on
-     * its way, end the connection: what follows cannot be trusted. */
     if (c->req.has_body && c->req.rb != RB_DONE)
         c->req.keepalive = 0;
     if (!c->req.keepalive)
         c->linger_needed = 1;
-    /* The body lives on this stack frame: it must be copied. */
-    struct request *r = &c->req;
-    char head[1024];
-    if (!r->keepalive)
-        c->close_after = 1;
-    const char *conn_hdr = c->close_after ? "Connection: close\r\n"
-                           : r->head.minor == 0 ? "Connection: keep-alive\r\n" : "";
-    int h = snprintf(head, sizeof(head),
-                     "HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: application/json\r\n"
-                     "Content-Length: %d\r\n%s%s\r\n",
-                     status, http_status_reason(status), worker_date(c->w), n, extra ? extra : "",
-                     conn_hdr);
-    buf_append(&c->out, head, (size_t)h);
+    local_head(c, status, "application/json", (size_t)n, extra);
     if (!method_is_head(c))
-        buf_append(&c->out, body, (size_t)n);
-    r->status = status;
-    r->resp_started = 1;
-    r->rs = RS_LOCAL;
-    c->state = CS_REQUEST;
+        buf_append(&c->out, body, (size_t)n); /* a copy: body is on this stack */
 }
 
 /* ---- request lifecycle ------------------------------------------------ */
@@ -777,6 +767,61 @@ static void put_chunk(struct buf *out, const char *data, size_t len)
 /* Free room in a sink buffer, counting what compaction gains. */
 static size_t room(const struct buf *b) { return b->cap - buf_len(b); }
 
+enum relay_result { RELAY_IDLE, RELAY_PROGRESS, RELAY_DONE, RELAY_ERROR, RELAY_TOO_BIG };
+
+/* Decode a chunked body from the front of src into dst, re-chunked when
+ * rechunk (trailers kept) or as raw bytes (trailers dropped). Stops when
+ * src is used up or dst is nearly full; never splits a decoder event, so
+ * the input view is cut to what dst can take. *count adds the data bytes;
+ * limit (0 = none) caps it. */
+static enum relay_result relay_chunked(struct http_chunked *st, struct buf *src, struct buf *dst,
+                                       int rechunk, int *last_chunk, uint64_t *count,
+                                       uint64_t limit)
+{
+    enum relay_result res = RELAY_IDLE;
+    while (buf_len(src) && room(dst) > 64) {
+        size_t view = buf_len(src);
+        if (view > room(dst) - 40)
+            view = room(dst) - 40;
+        size_t consumed = 0;
+        const char *data;
+        size_t dlen;
+        int rc = http_chunked_decode(st, buf_head(src), view, &consumed, &data, &dlen);
+        if (rc == HTTP_CHUNK_ERROR)
+            return RELAY_ERROR;
+        if (rc == HTTP_CHUNK_DATA) {
+            *count += dlen;
+            if (limit && *count > limit)
+                return RELAY_TOO_BIG;
+            if (rechunk)
+                put_chunk(dst, data, dlen);
+            else
+                buf_append(dst, data, dlen);
+        } else if (rc == HTTP_CHUNK_TRAILER && rechunk) {
+            if (!*last_chunk) {
+                buf_append(dst, "0\r\n", 3);
+                *last_chunk = 1;
+            }
+            buf_append(dst, data, dlen);
+            buf_append(dst, "\r\n", 2);
+        } else if (rc == HTTP_CHUNK_DONE) {
+            if (rechunk) {
+                if (!*last_chunk)
+                    buf_append(dst, "0\r\n", 3);
+                buf_append(dst, "\r\n", 2);
+            }
+            buf_consume(src, consumed);
+            return RELAY_DONE;
+        }
+        buf_consume(src, consumed);
+        if (consumed)
+            res = RELAY_PROGRESS;
+        if (rc == HTTP_CHUNK_MORE)
+            break;
+    }
+    return res;
+}
+
 /* Move request body bytes from c->in towards the upstream. */
 static int request_body_feed(struct conn *c)
 {
@@ -817,71 +862,31 @@ static int request_body_feed(struct conn *c)
         return progress;
     }
     case RB_CHUNKED: {
-        int progress = 0;
-        while (buf_len(&c->in) && room(&u->out) > 64) {
-            size_t view = buf_len(&c->in);
-            if (view > room(&u->out) - 40)
-                view = room(&u->out) - 40;
-            size_t consumed = 0;
-            const char *data;
-            size_t dlen;
-            int rc = http_chunked_decode(&r->rb_chunk, buf_head(&c->in), view, &consumed, &data, &dlen);
-            if (rc == HTTP_CHUNK_ERROR) {
+        enum relay_result rr = relay_chunked(&r->rb_chunk, &c->in, &u->out, 1, &r->rb_last_chunk,
+                                             &r->rb_total, l->max_body_bytes);
+        if (rr == RELAY_ERROR || rr == RELAY_TOO_BIG) {
+            if (rr == RELAY_ERROR)
                 log_debug("client %s: bad chunked body: %s", c->peer_ip, http_last_error());
-                r->keepalive = 0;
-                c->linger_needed = 1;
-                buf_consume(&c->in, buf_len(&c->in));
-                if (c->up) {
-                    upconn_close(c->up);
-                    c->up = NULL;
-                }
-                if (!r->resp_started)
-                    respond_error(c, 400, NULL);
-                else
-                    c->dead = 1;
-                return 1;
-            }
-            if (rc == HTTP_CHUNK_DATA) {
-                r->rb_total += dlen;
-                if (l->max_body_bytes && r->rb_total > l->max_body_bytes) {
-                    r->keepalive = 0;
-                    c->linger_needed = 1;
-                    buf_consume(&c->in, buf_len(&c->in));
-                    upconn_close(c->up);
-                    c->up = NULL;
-                    if (!r->resp_started)
-                        respond_error(c, 413, NULL);
-                    else
-                        c->dead = 1;
-                    return 1;
-                }
-                put_chunk(&u->out, data, dlen);
-            } else if (rc == HTTP_CHUNK_TRAILER) {
-                if (!r->rb_last_chunk) {
-                    buf_append(&u->out, "0\r\n", 3);
-                    r->rb_last_chunk = 1;
-                }
-                buf_append(&u->out, data, dlen);
-                buf_append(&u->out, "\r\n", 2);
-            } else if (rc == HTTP_CHUNK_DONE) {
-                if (!r->rb_last_chunk)
-                    buf_append(&u->out, "0\r\n", 3);
-                buf_append(&u->out, "\r\n", 2);
-                buf_consume(&c->in, consumed);
-                r->rb = RB_FLUSH;
-                return 1;
-            }
-            buf_consume(&c->in, consumed);
-            if (consumed)
-                progress = 1;
-            if (rc == HTTP_CHUNK_MORE)
-                break;
+            r->keepalive = 0;
+            c->linger_needed = 1;
+            buf_consume(&c->in, buf_len(&c->in));
+            upconn_close(c->up);
+            c->up = NULL;
+            if (!r->resp_started)
+                respond_error(c, rr == RELAY_ERROR ? 400 : 413, NULL);
+            else
+                c->dead = 1;
+            return 1;
         }
-        if (r->rb == RB_CHUNKED && c->eof && !progress) {
+        if (rr == RELAY_DONE) {
+            r->rb = RB_FLUSH;
+            return 1;
+        }
+        if (rr == RELAY_IDLE && c->eof && room(&u->out) > 64) {
             client_gone(c);
             return 1;
         }
-        return progress;
+        return rr == RELAY_PROGRESS;
     }
     }
     return 0;
@@ -995,55 +1000,25 @@ static int response_body_feed(struct conn *c, int up_eof)
         }
         return progress;
     }
-    case RS_BODY_CHUNKED:
-        while (buf_len(&u->in) && room(&c->out) > 64) {
-            size_t view = buf_len(&u->in);
-            if (view > room(&c->out) - 40)
-                view = room(&c->out) - 40;
-            size_t consumed = 0;
-            const char *data;
-            size_t dlen;
-            int rc = http_chunked_decode(&r->rs_chunk, buf_head(&u->in), view, &consumed, &data, &dlen);
-            if (rc == HTTP_CHUNK_ERROR) {
-                upstream_gone(c, 502, "invalid chunked body");
-                return 1;
-            }
-            if (rc == HTTP_CHUNK_DATA) {
-                if (r->out_chunked)
-                    put_chunk(&c->out, data, dlen);
-                else
-                    buf_append(&c->out, data, dlen);
-            } else if (rc == HTTP_CHUNK_TRAILER) {
-                if (r->out_chunked) {
-                    if (!r->rs_last_chunk) {
-                        buf_append(&c->out, "0\r\n", 3);
-                        r->rs_last_chunk = 1;
-                    }
-                    buf_append(&c->out, data, dlen);
-                    buf_append(&c->out, "\r\n", 2);
-                }
-            } else if (rc == HTTP_CHUNK_DONE) {
-                if (r->out_chunked) {
-                    if (!r->rs_last_chunk)
-                        buf_append(&c->out, "0\r\n", 3);
-                    buf_append(&c->out, "\r\n", 2);
-                }
-                buf_consume(&u->in, consumed);
-                r->rs = RS_DONE;
-                r->up_end_us = now_us();
-                return 1;
-            }
-            buf_consume(&u->in, consumed);
-            if (consumed)
-                progress = 1;
-            if (rc == HTTP_CHUNK_MORE)
-                break;
+    case RS_BODY_CHUNKED: {
+        uint64_t ignored = 0;
+        enum relay_result rr = relay_chunked(&r->rs_chunk, &u->in, &c->out, r->out_chunked,
+                                             &r->rs_last_chunk, &ignored, 0);
+        if (rr == RELAY_ERROR) {
+            upstream_gone(c, 502, "invalid chunked body");
+            return 1;
         }
-        if (up_eof && r->rs == RS_BODY_CHUNKED) {
+        if (rr == RELAY_DONE) {
+            r->rs = RS_DONE;
+            r->up_end_us = now_us();
+            return 1;
+        }
+        if (up_eof && rr == RELAY_IDLE && room(&c->out) > 64) {
             upstream_gone(c, 502, "upstream closed before the end of the chunked body");
             return 1;
         }
-        return progress;
+        return rr == RELAY_PROGRESS;
+    }
     case RS_BODY_CLOSE:
         if (r->out_chunked) {
             while (buf_len(&u->in) && room(&c->out) > 64) {
