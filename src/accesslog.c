@@ -81,6 +81,22 @@ size_t accesslog_format(const struct accesslog_entry *e, char *out, size_t cap)
         put_str(&o, e->endpoint, strlen(e->endpoint), 128);
     else
         put(&o, "null", 4);
+    /* Filters' fields, bounded so the line always fits. */
+    size_t budget = 2048;
+    for (const struct kv *f = e->fields; f && budget > 0; f = f->next) {
+        size_t kl = strlen(f->key), vl = strlen(f->value);
+        if (kl > 64)
+            kl = 64;
+        if (vl > 256)
+            vl = 256;
+        if ((kl + vl) * 6 + 8 > budget)
+            break;
+        budget -= (kl + vl) * 6 + 8;
+        put(&o, ",", 1);
+        put_str(&o, f->key, kl, 64);
+        put(&o, ":", 1);
+        put_str(&o, f->value, vl, 256);
+    }
     put(&o, "}", 1);
     out[o.len++] = '\n';
     return o.len;

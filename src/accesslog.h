@@ -6,6 +6,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* A key/value list (extra access-log fields, request variables). */
+struct kv {
+    struct kv *next;
+    const char *key, *value;
+};
+
 struct accesslog_entry {
     const char *client;
     const char *method;
@@ -19,6 +25,7 @@ struct accesslog_entry {
     int has_upstream;
     const char *route;     /* NULL when no route matched */
     const char *endpoint;  /* NULL when no upstream was used */
+    const struct kv *fields; /* added by filters, in order */
 };
 
 /* Format e as a JSON line (with the trailing newline) into out; long

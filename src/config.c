@@ -966,29 +966,72 @@ static void parse_respond(struct load *ld, json_t *obj, struct config_route *r)
         xstrdup(ct ? json_string_value(ct) : "text/plain; charset=utf-8");
 }
 
-static void parse_filters(struct load *ld, json_t *obj)
+/* Record a module's parse error. The module names the full path in its
+ * message ("<path>.key: what"); the part after our path is moved into the
+ * recorded path so the line lookup and the format stay ours. */
+static void filter_error(struct load *ld, const char *msg)
+{
+    const char *colon = strstr(msg, ": ");
+    size_t plen = ld->path.len;
+    if (colon && strncmp(msg, ld->path.p ? ld->path.p : "", plen) == 0 && (size_t)(colon - msg) >= plen) {
+        mark_push(ld);
+        sb_putn(&ld->path, msg + plen, (size_t)(colon - msg) - plen);
+        err(ld, "%s", colon + 2);
+        pop(ld);
+    } else {
+        err(ld, "%s", msg);
+    }
+}
+
+/* "filters": [ { "<module>": <config> }, ... ] of a route or the top level. */
+static void parse_filters(struct load *ld, json_t *obj, struct filter_conf **out, size_t *nout)
 {
     json_t *arr = get_typed(ld, obj, "filters", JSON_ARRAY);
     if (!arr)
         return;
+    *out = xcalloc(json_array_size(arr) ? json_array_size(arr) : 1, sizeof(**out));
     push_key(ld, "filters");
     for (size_t i = 0; i < json_array_size(arr); i++) {
         json_t *f = json_array_get(arr, i);
         push_index(ld, i);
-        if (!json_is_object(f))
+        if (!json_is_object(f)) {
             err(ld, "expected an object like {\"request_id\": {}}, got %s", type_name(f));
-        else if (json_object_size(f) != 1)
+        } else if (json_object_size(f) != 1) {
             err(ld, "must have exactly one key, the module name, like {\"request_id\": {}}");
-        else {
-            struct sbuf name = { 0 };
+        } else {
             const char *key = json_object_iter_key(json_object_iter(f));
-            sb_put_escaped(&name, key, strlen(key), SHOW_MAX);
-            err(ld, "module \"%s\" is not built into this binary", name.p);
-            free(name.p);
+            const struct module *m = modules_find(key);
+            if (!m) {
+                struct sbuf name = { 0 };
+                sb_put_escaped(&name, key, strlen(key), SHOW_MAX);
+                err(ld, "module \"%s\" is not built into this binary (portico -V lists the modules)",
+                    name.p);
+                free(name.p);
+            } else {
+                push_key(ld, key);
+                char msg[MSG_MAX] = "";
+                void *cfg = NULL;
+                if (m->parse_config(json_object_get(f, key), ld->path.p, &cfg, msg, sizeof(msg)) < 0) {
+                    filter_error(ld, msg[0] ? msg : "invalid configuration");
+                } else {
+                    (*out)[*nout].m = m;
+                    (*out)[*nout].cfg = cfg;
+                    (*nout)++;
+                }
+                pop(ld);
+            }
         }
         pop(ld);
     }
     pop(ld);
+}
+
+static void filters_free(struct filter_conf *f, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (f[i].m->free_config)
+            f[i].m->free_config(f[i].cfg);
+    free(f);
 }
 
 /* "upstream" or "respond", and what goes only with "upstream". */
@@ -1067,7 +1110,7 @@ static struct config_route *parse_route(struct load *ld, json_t *obj, size_t i)
     get_bool(ld, obj, "exact", 0, &r->exact);
     parse_methods(ld, obj, r);
     parse_target(ld, obj, r);
-    parse_filters(ld, obj);
+    parse_filters(ld, obj, &r->filters, &r->nfilters);
     return r;
 }
 
@@ -1119,7 +1162,7 @@ static void parse_root(struct load *ld, json_t *root)
 {
     static const char *const known[] = {
         "workers", "log_level", "listeners", "limits", "access_log", "trusted_proxies",
-        "via", "upstreams", "routes", NULL,
+        "via", "upstreams", "routes", "filters", NULL,
     };
     static const char *const later[] = { "admin", "redis", "jwt_providers", NULL };
     check_keys(ld, root, known, later);
@@ -1131,6 +1174,7 @@ static void parse_root(struct load *ld, json_t *root)
     parse_trusted_proxies(ld, root);
     get_bool(ld, root, "via", 0, &ld->cfg->via);
     parse_upstreams(ld, root);
+    parse_filters(ld, root, &ld->cfg->filters, &ld->cfg->nfilters);
     parse_routes(ld, root);
 }
 
@@ -1266,6 +1310,7 @@ static void route_free(struct config_route *r)
     free(r->prefix_rewrite);
     free(r->respond_body);
     free(r->respond_content_type);
+    filters_free(r->filters, r->nfilters);
     free(r);
 }
 
@@ -1276,6 +1321,7 @@ static void config_free(struct config *c)
     for (size_t i = 0; i < c->nroutes; i++)
         route_free(c->routes[i]);
     free(c->routes);
+    filters_free(c->filters, c->nfilters);
     for (size_t i = 0; i < c->nupstreams; i++) {
         for (size_t k = 0; k < c->upstreams[i].nendpoints; k++)
             free(c->upstreams[i].endpoints[k].address);

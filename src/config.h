@@ -19,6 +19,7 @@
 #include <jansson.h>
 #include "addr.h"
 #include "http1.h"
+#include "modules.h"
 
 struct router;
 
@@ -83,6 +84,8 @@ struct config_route {
     char *respond_body;
     size_t respond_body_len;
     char *respond_content_type;    /* default "text/plain; charset=utf-8" */
+    struct filter_conf *filters;   /* the route's own filters, in order */
+    size_t nfilters;
 };
 
 struct config_access_log {
@@ -106,6 +109,8 @@ struct config {
     struct config_route **routes;  /* array of pointers, config order */
     size_t nroutes;
     struct router *router;
+    struct filter_conf *filters;   /* global filters: run before every route's */
+    size_t nfilters;
     json_t *json;                  /* the substituted document (for the admin API later) */
 };
 

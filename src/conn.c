@@ -61,6 +61,11 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
     conn_pump(c);
 }
 
+static void on_resume(evutil_socket_t fd, short what, void *arg)
+{
+    conn_pump(arg);
+}
+
 void conn_on_upstream_event(struct conn *c, struct upconn *u, short what)
 {
     conn_pump(c);
@@ -92,6 +97,7 @@ void conn_accept(struct worker *w, int fd, const struct sockaddr *sa, socklen_t 
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     event_assign(&c->ev, w->base, fd, EV_READ | EV_WRITE | EV_ET | EV_PERSIST, on_client_event, c);
     event_assign(&c->timer, w->base, -1, 0, on_timer, c);
+    event_assign(&c->resume_ev, w->base, -1, 0, on_resume, c);
     event_add(&c->ev, NULL);
     c->next = w->conns;
     if (w->conns)
@@ -111,6 +117,7 @@ static void conn_free(struct conn *c)
     }
     event_del(&c->ev);
     event_del(&c->timer);
+    event_del(&c->resume_ev);
     close(c->fd);
     arena_destroy(&c->arena);
     buf_free(&c->in);
@@ -150,7 +157,13 @@ static int client_flush(struct conn *c)
         iov[n++].iov_len = c->sp_len;
     }
     size_t total = out_pending(c);
-    ssize_t wr = writev(c->fd, iov, n);
+    /* A response head whose small, length-framed body has not arrived yet
+     * (origins often send head and body in two segments) is held back by
+     * the kernel until the body follows, so the client gets one segment
+     * instead of two; the kernel sends it anyway after 200 ms. */
+    int more = c->req.rs == RS_BODY_LENGTH && c->sp_len == 0 && c->req.rs_left <= 65536;
+    struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
+    ssize_t wr = sendmsg(c->fd, &mh, MSG_NOSIGNAL | (more ? MSG_MORE : 0));
     if (wr < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
             c->writable = 0;
@@ -190,7 +203,7 @@ static int client_flush(struct conn *c)
 
 static int method_is_head(const struct conn *c) { return c->req.head.method == HTTP_M_HEAD; }
 
-/* Queue the head of a local answer. */
+/* Queue the head of a local answer: ours, then the filters' edits. */
 static void local_head(struct conn *c, int status, const char *ctype, size_t blen, const char *extra)
 {
     struct request *r = &c->req;
@@ -203,50 +216,83 @@ static void local_head(struct conn *c, int status, const char *ctype, size_t ble
     else if (r->head.minor == 0)
         conn_hdr = "Connection: keep-alive\r\n";
     int n = snprintf(head, sizeof(head),
-                     "HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s%s\r\n",
+                     "HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s%s",
                      status, http_status_reason(status), worker_date(c->w), ctype, blen,
                      extra ? extra : "", conn_hdr);
     if (n < 0 || (size_t)n >= sizeof(head))
         die("local response head too long");
     buf_append(&c->out, head, (size_t)n);
+    if (r->resp_edits)
+        filter_edits_emit(r->resp_edits, &c->out);
+    buf_append(&c->out, "\r\n", 2);
     r->status = status;
     r->resp_started = 1;
     r->rs = RS_LOCAL;
     c->state = CS_REQUEST;
 }
 
-/* Queue a complete local answer. body must outlive the request (it is
- * the config's): when large it is written from there without a copy.
- * extra: preformatted header lines ("Name: value\r\n") or NULL. */
-static void respond(struct conn *c, int status, const char *ctype, const char *body, size_t blen,
+/* Write the local answer in r->local, after the response hooks of the
+ * filters that let the request through (they may edit it, or replace it
+ * by answering again). The body must outlive the request's answer (config
+ * or arena memory): when large it is written from there without a copy. */
+static void local_commit(struct conn *c)
+{
+    struct request *r = &c->req;
+    if (r->chain_ok)
+        filter_run_response(c);
+    /* A body we have not read all of cannot be told apart from a next
+     * request: answering before it ends the connection. */
+    if (r->has_body && r->rb != RB_DONE) {
+        r->keepalive = 0;
+        c->linger_needed = 1;
+    }
+    struct local_answer a = r->local;
+    local_head(c, a.status, a.ctype, a.len, a.extra);
+    if (method_is_head(c) || !a.len)
+        return;
+    if (a.len <= 4096 && buf_can_append(&c->out, a.len)) {
+        buf_append(&c->out, a.body, a.len);
+    } else {
+        c->sp = a.body;
+        c->sp_src = NULL;
+        c->sp_len = a.len;
+    }
+}
+
+void conn_local_answer(struct conn *c, int status, const char *ctype, const char *body,
+                       size_t len, const char *extra)
+{
+    struct request *r = &c->req;
+    r->local = (struct local_answer){ 1, status, ctype ? ctype : "application/json", body, len, extra };
+    if (!r->deferring)
+        local_commit(c);
+}
+
+static void respond(struct conn *c, int status, const char *ctype, const char *body, size_t len,
                     const char *extra)
 {
-    local_head(c, status, ctype, blen, extra);
-    if (method_is_head(c) || !blen)
-        return;
-    if (blen <= 4096 && buf_can_append(&c->out, blen)) {
-        buf_append(&c->out, body, blen);
-    } else {
-        c->sp = body;
-        c->sp_src = NULL;
-        c->sp_len = blen;
-    }
+    conn_local_answer(c, status, ctype, body, len, extra);
 }
 
 /* A JSON error answer. Answers given while a request body may still be
  * on its way end the connection: what follows cannot be trusted. */
 static void respond_error(struct conn *c, int status, const char *extra)
 {
+    struct request *r = &c->req;
     char body[160];
     int n = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"status\":%d}\n",
                      http_status_reason(status), status);
-    if (c->req.has_body && c->req.rb != RB_DONE)
-        c->req.keepalive = 0;
-    if (!c->req.keepalive)
+    if (!r->keepalive)
         c->linger_needed = 1;
-    local_head(c, status, "application/json", (size_t)n, extra);
-    if (!method_is_head(c))
-        buf_append(&c->out, body, (size_t)n); /* a copy: body is on this stack */
+    conn_local_answer(c, status, "application/json", arena_strndup(&c->arena, body, (size_t)n),
+                      (size_t)n, extra ? arena_strndup(&c->arena, extra, strlen(extra)) : NULL);
+}
+
+static void on_resume(evutil_socket_t fd, short what, void *arg);
+
+void conn_schedule(struct conn *c)
+{
+    event_active(&c->resume_ev, EV_TIMEOUT, 1);
 }
 
 /* ---- request lifecycle ------------------------------------------------ */
@@ -257,6 +303,7 @@ static void request_reset(struct conn *c)
     arena_reset(&c->arena);
     memset(r, 0, sizeof(*r));
     r->arena = &c->arena;
+    r->conn = c;
     r->head.max_headers_cap = limits(c)->max_headers;
     r->head.headers = arena_alloc(&c->arena, sizeof(struct http_header) * r->head.max_headers_cap);
     c->scanned = 0;
@@ -266,9 +313,12 @@ static void request_reset(struct conn *c)
 static void request_log(struct conn *c)
 {
     struct request *r = &c->req;
+    if (r->chain_logged)
+        filter_run_log(c);
     if (c->w->log_fd < 0 || !r->method)
         return;
     struct accesslog_entry e = {
+        .fields = r->log_fields,
         .client = c->peer_ip,
         .method = r->method,
         .host = r->host ? r->host : "",
@@ -334,6 +384,29 @@ static int client_read(struct conn *c)
         }
         c->eof = 1;
         return 1;
+    }
+    if (c->req.rs == RS_PAUSED) {
+        /* The parsed head lives in c->in: do not move it. Only look for
+         * the client going away, leaving any bytes in the socket. */
+        char probe;
+        ssize_t n = recv(c->fd, &probe, 1, MSG_PEEK);
+        int gone = n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+        if (n > 0) {
+            /* bytes are waiting: a FIN behind them shows in the TCP state */
+            struct tcp_info ti;
+            socklen_t tl = sizeof(ti);
+            if (getsockopt(c->fd, IPPROTO_TCP, TCP_INFO, &ti, &tl) == 0 &&
+                ti.tcpi_state == TCP_CLOSE_WAIT)
+                gone = 1;
+        }
+        if (gone) {
+            c->eof = 1;
+            c->readable = 0;
+            return 1;
+        }
+        if (n < 0)
+            c->readable = 0;
+        return 0;
     }
     size_t space = buf_make_room(&c->in);
     if (space == 0)
@@ -406,6 +479,7 @@ static void allow_header(struct conn *c, const char *host, size_t hlen, char *ou
 }
 
 static void start_proxy(struct conn *c);
+static void request_dispatch(struct conn *c);
 
 /* A complete head is at the front of c->in: decide what to do with it. */
 static void request_begin(struct conn *c, size_t head_len)
@@ -469,19 +543,40 @@ static void request_begin(struct conn *c, size_t head_len)
     }
 
     const struct config_route *rt = NULL;
-    enum router_result rr = router_match(c->w->cfg->router, r->host, hlen, r->path, r->path_len,
-                                         h->method, &h->method_str, &rt);
-    if (rr == ROUTER_NOT_FOUND) {
+    r->route_result = router_match(c->w->cfg->router, r->host, hlen, r->path, r->path_len,
+                                   h->method, &h->method_str, &rt);
+    r->route = r->route_result == ROUTER_MATCH ? rt : NULL;
+    filter_chain_setup(c);
+    if (r->nchain) {
+        enum filter_status st = filter_run_request(c);
+        if (st == FILTER_PAUSED) {
+            /* The head stays where it is in c->in until the filter is
+             * done: nothing reads into c->in while the request is paused. */
+            r->rs = RS_PAUSED;
+            c->state = CS_REQUEST;
+            return;
+        }
+        if (st == FILTER_RESPONDED)
+            return;
+    }
+    request_dispatch(c);
+}
+
+/* After the filters: not found, not allowed, a respond route, or proxy. */
+static void request_dispatch(struct conn *c)
+{
+    struct request *r = &c->req;
+    const struct config_route *rt = r->route;
+    if (r->route_result == ROUTER_NOT_FOUND) {
         respond_error(c, 404, NULL);
         return;
     }
-    if (rr == ROUTER_METHOD_NOT_ALLOWED) {
+    if (r->route_result == ROUTER_METHOD_NOT_ALLOWED) {
         char allow[256];
-        allow_header(c, r->host, hlen, allow, sizeof(allow));
+        allow_header(c, r->host, strlen(r->host), allow, sizeof(allow));
         respond_error(c, 405, allow);
         return;
     }
-    r->route = rt;
     if (!rt->upstream) {
         if (r->has_body) {
             r->keepalive = 0;
@@ -492,6 +587,23 @@ static void request_begin(struct conn *c, size_t head_len)
         return;
     }
     start_proxy(c);
+}
+
+/* The head has been acted on: drop its bytes (start_proxy did already when
+ * it proxied). A body we did not read ends the connection. */
+static void request_head_done(struct conn *c)
+{
+    struct request *r = &c->req;
+    if (!r->head_consumed) {
+        buf_consume(&c->in, r->head_len);
+        r->head_consumed = 1;
+    }
+    if (r->rs == RS_LOCAL && r->has_body) {
+        r->keepalive = 0;
+        c->close_after = 1;
+        c->linger_needed = 1;
+        buf_consume(&c->in, buf_len(&c->in));
+    }
 }
 
 static int handle_head(struct conn *c)
@@ -531,15 +643,8 @@ static int handle_head(struct conn *c)
         return 1;
     }
     request_begin(c, (size_t)rc);
-    if (!r->head_consumed)
-        buf_consume(&c->in, r->head_len);
-    if (r->rs == RS_LOCAL) {
-        /* A body we did not read ends the connection (keepalive is off). */
-        if (r->has_body) {
-            c->linger_needed = 1;
-            buf_consume(&c->in, buf_len(&c->in));
-        }
-    }
+    if (r->rs != RS_PAUSED)
+        request_head_done(c);
     return 1;
 }
 
@@ -767,7 +872,24 @@ static void put_chunk(struct buf *out, const char *data, size_t len)
 /* Free room in a sink buffer, counting what compaction gains. */
 static size_t room(const struct buf *b) { return b->cap - buf_len(b); }
 
-enum relay_result { RELAY_IDLE, RELAY_PROGRESS, RELAY_DONE, RELAY_ERROR, RELAY_TOO_BIG };
+enum relay_result { RELAY_IDLE, RELAY_PROGRESS, RELAY_DONE, RELAY_ERROR, RELAY_TOO_BIG, RELAY_REFUSED };
+
+/* A body filter answered: stop sending the body and answer instead. */
+static void body_refused(struct conn *c)
+{
+    struct request *r = &c->req;
+    if (c->up) {
+        upconn_close(c->up);
+        c->up = NULL;
+    }
+    r->keepalive = 0;
+    c->linger_needed = 1;
+    buf_consume(&c->in, buf_len(&c->in));
+    if (!r->resp_started)
+        local_commit(c);
+    else
+        c->dead = 1;
+}
 
 /* Decode a chunked body from the front of src into dst, re-chunked when
  * rechunk (trailers kept) or as raw bytes (trailers dropped). Stops when
@@ -776,7 +898,7 @@ enum relay_result { RELAY_IDLE, RELAY_PROGRESS, RELAY_DONE, RELAY_ERROR, RELAY_T
  * limit (0 = none) caps it. */
 static enum relay_result relay_chunked(struct http_chunked *st, struct buf *src, struct buf *dst,
                                        int rechunk, int *last_chunk, uint64_t *count,
-                                       uint64_t limit)
+                                       uint64_t limit, struct conn *hooks)
 {
     enum relay_result res = RELAY_IDLE;
     while (buf_len(src) && room(dst) > 64) {
@@ -793,6 +915,8 @@ static enum relay_result relay_chunked(struct http_chunked *st, struct buf *src,
             *count += dlen;
             if (limit && *count > limit)
                 return RELAY_TOO_BIG;
+            if (hooks && filter_run_body(hooks, data, dlen) == FILTER_RESPONDED)
+                return RELAY_REFUSED;
             if (rechunk)
                 put_chunk(dst, data, dlen);
             else
@@ -846,6 +970,11 @@ static int request_body_feed(struct conn *c)
         size_t avail = buf_len(&c->in) - u->span_len;
         size_t add = avail < r->rb_left ? avail : (size_t)r->rb_left;
         if (add) {
+            if (r->body_hooks &&
+                filter_run_body(c, buf_head(&c->in) + u->span_len, add) == FILTER_RESPONDED) {
+                body_refused(c);
+                return 1;
+            }
             u->span_src = &c->in;
             u->span_len += add;
             r->rb_left -= add;
@@ -863,7 +992,12 @@ static int request_body_feed(struct conn *c)
     }
     case RB_CHUNKED: {
         enum relay_result rr = relay_chunked(&r->rb_chunk, &c->in, &u->out, 1, &r->rb_last_chunk,
-                                             &r->rb_total, l->max_body_bytes);
+                                             &r->rb_total, l->max_body_bytes,
+                                             r->body_hooks ? c : NULL);
+        if (rr == RELAY_REFUSED) {
+            body_refused(c);
+            return 1;
+        }
         if (rr == RELAY_ERROR || rr == RELAY_TOO_BIG) {
             if (rr == RELAY_ERROR)
                 log_debug("client %s: bad chunked body: %s", c->peer_ip, http_last_error());
@@ -935,6 +1069,18 @@ static int response_head(struct conn *c)
         r->resp_scanned = 0;
         return 1;
     }
+    if (r->chain_ok) {
+        r->status = r->resp.status;
+        filter_run_response(c);
+        if (r->local.set) {
+            /* A filter replaced the upstream's answer. */
+            upconn_close(c->up);
+            c->up = NULL;
+            r->up_end_us = now_us();
+            local_commit(c);
+            return 1;
+        }
+    }
     enum http_body_kind kind = http_response_body_kind(&r->resp, r->head.method);
     r->status = r->resp.status;
     r->out_chunked = 0;
@@ -1003,7 +1149,7 @@ static int response_body_feed(struct conn *c, int up_eof)
     case RS_BODY_CHUNKED: {
         uint64_t ignored = 0;
         enum relay_result rr = relay_chunked(&r->rs_chunk, &u->in, &c->out, r->out_chunked,
-                                             &r->rs_last_chunk, &ignored, 0);
+                                             &r->rs_last_chunk, &ignored, 0, NULL);
         if (rr == RELAY_ERROR) {
             upstream_gone(c, 502, "invalid chunked body");
             return 1;
@@ -1058,7 +1204,27 @@ static int request_step(struct conn *c)
 {
     struct request *r = &c->req;
     int progress = 0;
+    if (r->rs == RS_PAUSED) {
+        if (c->eof) {
+            client_gone(c); /* the arena's cleanups tell the filter */
+            return 1;
+        }
+        if (!r->resume_pending)
+            return 0;
+        r->resume_pending = 0;
+        enum filter_status st = filter_run_request(c);
+        if (st == FILTER_PAUSED)
+            return 1;
+        if (st == FILTER_CONTINUE)
+            request_dispatch(c);
+        request_head_done(c);
+        return 1;
+    }
     if (r->rs == RS_LOCAL) {
+        if (!r->head_consumed) {
+            request_head_done(c); /* answered while paused */
+            progress = 1;
+        }
         if (c->sp_len == 0) {
             r->rs = RS_DONE;
             progress = 1;

@@ -29,15 +29,45 @@
 #include <event2/event_struct.h>
 #include <netinet/in.h>
 #include <stdint.h>
+#include "accesslog.h"
 #include "arena.h"
 #include "buf.h"
 #include "config.h"
 #include "http1.h"
+#include "router.h"
 
 struct worker;
 struct upconn;
 
 enum conn_state { CS_HEAD, CS_REQUEST, CS_LINGER };
+
+/* One filter of this request's chain and its per-request slot. */
+struct filter_run {
+    const struct filter_conf *f;
+    void *ctx;
+};
+
+enum edit_op { EDIT_SET, EDIT_ADD, EDIT_REMOVE };
+
+/* A header change asked for by a filter; applied when the head is written. */
+struct header_edit {
+    struct header_edit *next;
+    enum edit_op op;
+    const char *name;
+    size_t name_len;
+    const char *value;
+    size_t value_len;
+};
+
+/* A local answer waiting to be written (see local_commit in conn.c). */
+struct local_answer {
+    int set;
+    int status;
+    const char *ctype;
+    const char *body;
+    size_t len;
+    const char *extra;             /* preformatted header lines or NULL */
+};
 
 enum req_body_state { RB_NONE, RB_LENGTH, RB_CHUNKED, RB_FLUSH, RB_DONE };
 enum resp_state {
@@ -48,6 +78,7 @@ enum resp_state {
     RS_BODY_CLOSE,
     RS_DONE,
     RS_ABORT,        /* response cut short: flush what we have, then close */
+    RS_PAUSED,       /* a filter is waiting for something asynchronous */
 };
 
 struct request {
@@ -55,6 +86,7 @@ struct request {
     size_t head_len;
     struct arena *arena;
     const struct config_route *route;
+    enum router_result route_result;
     /* copies kept for the access log */
     const char *method;
     const char *host;
@@ -92,6 +124,25 @@ struct request {
     int retried;
     int up_eof;                    /* the upstream closed (1) or reset (-1) */
     int head_consumed;             /* the head's bytes were dropped from c->in */
+    /* filters */
+    struct filter_run *chain;
+    size_t nchain;
+    size_t chain_pos;              /* next filter whose on_request runs */
+    size_t chain_ok;               /* filters whose on_request let the request through */
+    size_t chain_logged;           /* filters owed an on_log */
+    int resume_pending;
+    int deferring;                 /* inside response/body hooks: request_respond only records */
+    int response_hooks_done;
+    int body_hooks;                /* some filter has on_request_body */
+    struct local_answer local;
+    struct header_edit *req_edits, **req_edits_tail;
+    struct header_edit *resp_edits, **resp_edits_tail;
+    struct kv *log_fields, **log_fields_tail;
+    struct kv *vars;
+    struct sockaddr_storage client_addr;
+    int client_addr_set;
+    char client_ip[64];
+    struct conn *conn;
     uint64_t up_activity_ms;       /* last upstream progress, for timeout_ms */
     uint64_t up_connect_deadline_ms;
 };
@@ -99,7 +150,7 @@ struct request {
 struct conn {
     struct worker *w;
     int fd;
-    struct event ev, timer;
+    struct event ev, timer, resume_ev;
     enum conn_state state;
     unsigned readable : 1, writable : 1, eof : 1, dead : 1;
     unsigned close_after : 1;      /* close once the response is out */
@@ -129,6 +180,21 @@ void conn_accept(struct worker *w, int fd, const struct sockaddr *sa, socklen_t 
 void conn_drain(struct conn *c);
 /* Close at once (drain timeout, shutdown). */
 void conn_abort(struct conn *c);
+
+/* filter.c: the chain runner (conn.c calls these). */
+void filter_chain_setup(struct conn *c);
+enum filter_status filter_run_request(struct conn *c);
+void filter_run_response(struct conn *c);
+enum filter_status filter_run_body(struct conn *c, const char *data, size_t len);
+void filter_run_log(struct conn *c);
+/* Is this (set or removed) header name changed by an edit in list? */
+int filter_edits_drop(const struct header_edit *list, const char *name, size_t len);
+/* Write the SET/ADD edits that survive later edits of the same name. */
+void filter_edits_emit(const struct header_edit *list, struct buf *out);
+/* Queue or commit a local answer (conn.c). */
+void conn_local_answer(struct conn *c, int status, const char *ctype, const char *body,
+                       size_t len, const char *extra);
+void conn_schedule(struct conn *c);
 
 /* proxy.c: build the upstream request head / the client response head. */
 struct upconn;

@@ -3,6 +3,7 @@
  * signals and tells the workers what to do through their pipes. */
 #include "config.h"
 #include "log.h"
+#include "modules.h"
 #include "version.h"
 #include "worker.h"
 
@@ -36,7 +37,12 @@ static void print_version(void)
 {
     printf("portico %s\n", PACKAGE_VERSION);
     printf("libevent %s, %s\n", event_get_version(), "OpenSSL 3, jansson, libjwt, hiredis");
-    printf("modules: none\n");
+    printf("modules:");
+    if (!portico_modules[0])
+        printf(" none");
+    for (size_t i = 0; portico_modules[i]; i++)
+        printf(" %s", portico_modules[i]->name);
+    printf("\n");
 }
 
 static struct config *load(const char *file)

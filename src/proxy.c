@@ -165,6 +165,8 @@ void proxy_build_request(struct conn *c, struct buf *out)
         const struct http_header *f = &h->headers[i];
         if (proxy_is_hop_by_hop(f->name.p, f->name.len) || named_by_connection(&ct, &f->name))
             continue;
+        if (r->req_edits && filter_edits_drop(r->req_edits, f->name.p, f->name.len))
+            continue;
         switch (classify(&f->name)) {
         case F_HOST:
         case F_EXPECT:
@@ -213,27 +215,33 @@ void proxy_build_request(struct conn *c, struct buf *out)
         put(out, f->value.p, f->value.len);
         put(out, "\r\n", 2);
     }
+    /* Our forwarding headers, unless a filter set or removed them. */
+    const struct header_edit *ed = r->req_edits;
+#define OURS(name) (!ed || !filter_edits_drop(ed, name, sizeof(name) - 1))
     if (xff_open) {
         put(out, ", ", 2);
         puts_(out, c->peer_ip);
         put(out, "\r\n", 2);
-    } else {
+    } else if (OURS("X-Forwarded-For")) {
         put_field(out, "X-Forwarded-For", c->peer_ip, strlen(c->peer_ip));
     }
-    if (!have_proto)
+    if (!have_proto && OURS("X-Forwarded-Proto"))
         put_field(out, "X-Forwarded-Proto", "http", 4);
-    if (!have_fhost) {
+    if (!have_fhost && OURS("X-Forwarded-Host")) {
         if (r->authority)
             put_field(out, "X-Forwarded-Host", r->authority, r->authority_len);
         else
             put_field(out, "X-Forwarded-Host", h->host.p, h->host.len);
     }
-    if (!have_realip)
+    if (!have_realip && OURS("X-Real-IP"))
         put_field(out, "X-Real-IP", c->peer_ip, strlen(c->peer_ip));
-    if (prefix)
+    if (prefix && OURS("X-Forwarded-Prefix"))
         put_field(out, "X-Forwarded-Prefix", prefix, prefix_len);
-    if (cfg->via)
+    if (cfg->via && OURS("Via"))
         puts_(out, "Via: 1.1 portico\r\n");
+#undef OURS
+    if (ed)
+        filter_edits_emit(ed, out);
     if (r->rb == RB_CHUNKED) {
         puts_(out, "Transfer-Encoding: chunked\r\n");
     } else if (r->rb == RB_LENGTH) {
@@ -263,6 +271,8 @@ void proxy_build_response(struct conn *c, const struct http_response *resp, int 
         const struct http_header *f = &resp->headers[i];
         if (proxy_is_hop_by_hop(f->name.p, f->name.len) || named_by_connection(&ct, &f->name))
             continue;
+        if (r->resp_edits && filter_edits_drop(r->resp_edits, f->name.p, f->name.len))
+            continue;
         put(out, f->name.p, f->name.len);
         put(out, ": ", 2);
         put(out, f->value.p, f->value.len);
@@ -270,6 +280,8 @@ void proxy_build_response(struct conn *c, const struct http_response *resp, int 
     }
     if (c->w->cfg->via)
         puts_(out, "Via: 1.1 portico\r\n");
+    if (r->resp_edits)
+        filter_edits_emit(r->resp_edits, out);
     switch ((enum http_body_kind)body_kind) {
     case HTTP_BODY_NONE:
         /* HEAD and 304 answers keep the length the full answer would have. */

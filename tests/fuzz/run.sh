@@ -26,7 +26,7 @@ ROOT=$PWD
 declare -A SOURCES=(
     [fuzz_http1]="src/http1.c src/log.c"
     [fuzz_uri]="src/uri.c src/log.c"
-    [fuzz_config]="src/config.c src/config_subst.c src/config_lines.c src/addr.c src/router.c src/uri.c src/http1.c src/log.c"
+    [fuzz_config]="src/config.c src/config_subst.c src/config_lines.c src/addr.c src/router.c src/uri.c src/http1.c src/log.c tests/fuzz/no_modules.c"
 )
 # pkg-config packages a target needs.
 declare -A PKGS=(
