@@ -18,7 +18,6 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <stdarg.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,8 +44,10 @@ struct cors_config {
     char max_age[16]; /* "" when not configured */
 };
 
-/* Per-request state, kept in *ctx as a small integer (nothing allocated). */
-enum cors_state { CORS_OTHER = 0, CORS_ALLOWED = 1, CORS_ANSWERED = 2 };
+/* *ctx of a request going on: NULL (no Origin, or a refused one), or the
+ * Access-Control-Allow-Origin value for the answer: any_origin, or a copy of
+ * the request's Origin (request headers are only readable in on_request). */
+static char any_origin[] = "*";
 
 /* A host name: labels of letters, digits and '-' separated by single dots. */
 static int host_name_ok(const char *p, size_t n)
@@ -78,7 +79,7 @@ static int origin_allowed(const struct cors_config *c, const char *s, size_t n)
     for (size_t i = 0; i < c->norigins; i++)
         if (origin_matches(&c->origins[i], s, n))
             return 1;
-    return c->any;
+    return 0;
 }
 
 /* ---- config ------------------------------------------------------------ */
@@ -305,27 +306,29 @@ static int method_allowed(const struct cors_config *c, const char *m, size_t n)
     }
 }
 
-/* The value for Access-Control-Allow-Origin: "*" or the request's own. */
-static const char *allow_origin_value(struct request *r, const struct cors_config *c)
+/* The value for Access-Control-Allow-Origin, NULL for a refused origin. */
+static char *allow_origin(struct request *r, const struct cors_config *c, const char *o, size_t n)
 {
-    size_t n;
-    const char *o = request_header(r, "Origin", &n);
     if (c->any) /* never with credentials: refused at load */
-        return "*";
+        return any_origin;
+    if (!origin_allowed(c, o, n))
+        return NULL;
     char *copy = request_alloc(r, n + 1);
     memcpy(copy, o, n);
     return copy;
 }
 
-static enum filter_status preflight(struct request *r, const struct cors_config *c, int allowed,
-                                    const char *m, size_t mlen)
+/* The chain does not call on_response for the filter that answered, so
+ * this answer is complete as it leaves. */
+static enum filter_status preflight(struct request *r, const struct cors_config *c,
+                                    const char *allow, const char *m, size_t mlen)
 {
     response_set_header(r, "Vary", CORS_PREFLIGHT_VARY);
-    if (!allowed || !method_allowed(c, m, mlen)) {
+    if (!allow || !method_allowed(c, m, mlen)) {
         request_respond(r, 403, NULL, CORS_FORBIDDEN_BODY, strlen(CORS_FORBIDDEN_BODY));
         return FILTER_RESPONDED;
     }
-    response_set_header(r, "Access-Control-Allow-Origin", allow_origin_value(r, c));
+    response_set_header(r, "Access-Control-Allow-Origin", allow);
     response_set_header(r, "Access-Control-Allow-Methods", c->methods);
     if (c->headers)
         response_set_header(r, "Access-Control-Allow-Headers", c->headers);
@@ -344,28 +347,23 @@ static enum filter_status cors_on_request(struct request *r, void *cfg, void **c
     const char *origin = request_header(r, "Origin", &olen), *m = NULL;
     if (!origin)
         return FILTER_CONTINUE;
-    int allowed = origin_allowed(c, origin, olen);
+    char *allow = allow_origin(r, c, origin, olen);
     if (strcmp(request_method(r), "OPTIONS") == 0)
         m = request_header(r, "Access-Control-Request-Method", &mlen);
-    if (m) {
-        *ctx = (void *)(uintptr_t)CORS_ANSWERED;
-        return preflight(r, c, allowed, m, mlen);
-    }
-    *ctx = (void *)(uintptr_t)(allowed ? CORS_ALLOWED : CORS_OTHER);
+    if (m)
+        return preflight(r, c, allow, m, mlen);
+    *ctx = allow;
     return FILTER_CONTINUE;
 }
 
 static enum filter_status cors_on_response(struct request *r, void *cfg, void **ctx)
 {
     const struct cors_config *c = cfg;
-    uintptr_t state = (uintptr_t)*ctx;
-    if (state == CORS_ANSWERED)
-        return FILTER_CONTINUE; /* our own preflight answer is complete */
     if (!c->any)
         response_add_header(r, "Vary", "Origin");
-    if (state != CORS_ALLOWED)
+    if (!*ctx)
         return FILTER_CONTINUE;
-    response_set_header(r, "Access-Control-Allow-Origin", allow_origin_value(r, c));
+    response_set_header(r, "Access-Control-Allow-Origin", *ctx);
     if (c->credentials)
         response_set_header(r, "Access-Control-Allow-Credentials", "true");
     if (c->expose)
