@@ -347,6 +347,8 @@ static const char *edit_value(struct request *r, const struct edit *e)
  * the setters; that field is then simply not sent. */
 static void side_apply(struct request *r, const struct side *s, bool response)
 {
+    if (s->n == 0)
+        return; /* edits may be NULL then: no pointer arithmetic on it */
     for (const struct edit *e = s->edits; e < s->edits + s->n; e++) {
         if (e->op == EDIT_REMOVE)
             (response ? response_remove_header : request_remove_header)(r, e->name);
