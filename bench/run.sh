@@ -12,7 +12,10 @@
 #                    the table shows the median of the rounds
 #   BENCH_CONNS      wrk connections (default 64)
 #   BENCH_PROXIES    subset/order of "portico nginx haproxy"
-#   BENCH_CASES      subset of "small 4k 64k close"
+#   BENCH_CASES      subset of "small 4k 64k close filters" (default: all but
+#                    filters). "filters" measures Portico alone: the route
+#                    without filters vs the same route with request_id,
+#                    headers and cors, and prints the ratio (goal >= 0.95)
 #   BENCH_PROXY_CPU  core for the proxy under test (default 0)
 #   BENCH_LOAD_CPU   core for the origin and wrk (default 1)
 #   BENCH_OUT        if set, the raw results (TSV) are copied there
@@ -47,10 +50,23 @@ done
 for p in "${PROXIES[@]}"; do
     [[ -n ${PORT[$p]:-} ]] || die "unknown proxy '$p' in BENCH_PROXIES"
 done
+FILTERS=0
+CMP_CASES=() # the cases that compare the proxies (all but "filters")
 for c in "${CASES[@]}"; do
-    case $c in small | 4k | 64k | close) ;; *) die "unknown case '$c' in BENCH_CASES" ;; esac
+    case $c in
+        small | 4k | 64k | close) CMP_CASES+=("$c") ;;
+        filters) FILTERS=1 ;;
+        *) die "unknown case '$c' in BENCH_CASES" ;;
+    esac
 done
-if [[ " ${PROXIES[*]} " == *" portico "* ]]; then
+# Only "filters": no other proxy needs to run.
+((${#CMP_CASES[@]})) || PROXIES=()
+if ((FILTERS)); then
+    # The filtered twin of "portico": same binary and route, plus filters.
+    PORT[portico_filters]=18804
+    FILTER_ORIGIN="https://app.example.com" # allowed by bench/conf/portico-filters.json
+fi
+if [[ " ${PROXIES[*]} " == *" portico "* ]] || ((FILTERS)); then
     [[ -x $PORTICO_BIN ]] || die "no Portico binary at $PORTICO_BIN: build it (tests/run-all.sh or \
 cd build && ../configure && make) or set PORTICO_BIN"
 fi
@@ -163,13 +179,21 @@ start_proxy() {
             start portico "$PROXY_CPU" "$dir/portico.log" "$PORTICO_BIN" -c "$dir/portico.json"
             wait_up portico "${PORT[portico]}" "$dir/portico.log"
             ;;
+        portico_filters)
+            mkdir -p "$dir"
+            render portico-filters.json "$dir/portico.json" "$dir" "${PORT[$p]}"
+            "$PORTICO_BIN" -t -c "$dir/portico.json" >"$dir/check.log" 2>&1 ||
+                die "portico rejects $dir/portico.json (are request_id, headers and cors built in?): $(cat "$dir/check.log")"
+            start "$p" "$PROXY_CPU" "$dir/portico.log" "$PORTICO_BIN" -c "$dir/portico.json"
+            wait_up "$p" "${PORT[$p]}" "$dir/portico.log"
+            ;;
     esac
 }
 
 # ---------------------------------------------------------------- correctness
 
 path_of() {
-    case $1 in small | close) echo /small ;; 4k) echo /4k.bin ;; 64k) echo /64k.bin ;; esac
+    case $1 in small | close | filters) echo /small ;; 4k) echo /4k.bin ;; 64k) echo /64k.bin ;; esac
 }
 expected_of() {
     case $1 in
@@ -200,6 +224,18 @@ verify() {
     [[ $out == "1 0 " ]] || die "$name: did not keep the client connection alive (new connects: $out)"
 }
 
+# verify_filters PORT: the filters really run: each one's mark is on the
+# answer to the request the "filters" case sends.
+verify_filters() {
+    local head=$TMP/verify.head h
+    curl -sS --max-time 5 -H "Origin: $FILTER_ORIGIN" -D "$head" -o /dev/null \
+        "http://127.0.0.1:$1/small" || die "portico_filters: GET /small failed"
+    for h in "X-Request-Id: " "X-Served-By: portico" "Access-Control-Allow-Origin: $FILTER_ORIGIN"; do
+        grep -qiF "$h" "$head" ||
+            die "portico_filters: no '$h' in the answer; the filters did not run: $(cat "$head")"
+    done
+}
+
 # ---------------------------------------------------------------- measuring
 
 # cpu_ticks PID: user+system clock ticks of a process and its children
@@ -220,6 +256,7 @@ wrk_run() {
     local url hdr=()
     url="http://127.0.0.1:$1$(path_of "$2")"
     [[ $2 != close ]] || hdr=(-H "Connection: close")
+    [[ $2 != filters ]] || hdr=(-H "Origin: $FILTER_ORIGIN")
     taskset -c "$LOAD_CPU" wrk -t1 -c"$BENCH_CONNS" -d"$3"s --latency "${hdr[@]}" "$url" >"$4" 2>&1
 }
 
@@ -276,20 +313,34 @@ measure() { # measure CASE PROXY ROUND
 log "temp dir $TMP; proxies on CPU $PROXY_CPU, origin and wrk on CPU $LOAD_CPU"
 start_origin
 verify origin "$PORT_ORIGIN"
-for p in "${PROXIES[@]}"; do
+STARTED=("${PROXIES[@]}")
+if ((FILTERS)); then
+    [[ " ${STARTED[*]} " == *" portico "* ]] || STARTED+=(portico)
+    STARTED+=(portico_filters)
+fi
+for p in "${STARTED[@]}"; do
     start_proxy "$p"
     verify "$p" "${PORT[$p]}"
+    [[ $p != portico_filters ]] || verify_filters "${PORT[$p]}"
     log "$p answers correctly on port ${PORT[$p]}"
 done
 
-total=$(( ${#CASES[@]} * ${#PROXIES[@]} * BENCH_ROUNDS * (BENCH_SECONDS + BENCH_WARMUP) ))
-log "measuring: ${CASES[*]} x ${PROXIES[*]} x $BENCH_ROUNDS round(s), about ${total}s"
+total=$(( (${#CMP_CASES[@]} * ${#PROXIES[@]} + 2 * FILTERS) * BENCH_ROUNDS * (BENCH_SECONDS + BENCH_WARMUP) ))
+what="${CMP_CASES[*]} x ${PROXIES[*]}"
+((${#CMP_CASES[@]})) || what=""
+((!FILTERS)) || what="${what:+$what, }filters x portico portico_filters"
+log "measuring: $what x $BENCH_ROUNDS round(s), about ${total}s"
 for c in "${CASES[@]}"; do
+    if [[ $c == filters ]]; then
+        runners=(portico portico_filters)
+    else
+        runners=("${PROXIES[@]}")
+    fi
     for ((r = 1; r <= BENCH_ROUNDS; r++)); do
         # Rotate the order each round so no proxy always goes first.
-        n=${#PROXIES[@]}
+        n=${#runners[@]}
         for ((i = 0; i < n; i++)); do
-            measure "$c" "${PROXIES[$(((i + r - 1) % n))]}" "$r"
+            measure "$c" "${runners[$(((i + r - 1) % n))]}" "$r"
         done
     done
 done
@@ -298,7 +349,7 @@ done
 
 echo
 versions="$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}')"
-if [[ " ${PROXIES[*]} " == *" portico "* ]]; then
+if [[ " ${STARTED[*]} " == *" portico "* ]]; then
     versions="$("$PORTICO_BIN" --version 2>/dev/null | head -1 || echo portico), $versions"
 fi
 echo "$versions; wrk -t1 -c$BENCH_CONNS; ${BENCH_SECONDS}s x $BENCH_ROUNDS round(s); proxy on CPU $PROXY_CPU"
@@ -312,8 +363,11 @@ def m(rs, key):
     return statistics.median(float(x[key]) for x in rs)
 cases = list(dict.fromkeys(r["case"] for r in rows))
 proxies = list(dict.fromkeys(r["proxy"] for r in rows))
-hdr = "%-6s %-8s %11s %9s %9s %5s %11s %7s" % ("case", "proxy", "req/s", "p50 us", "p99 us",
-                                              "cpu%", "cpu us/req", "errors")
+FILTERED = "portico_filters"   # the "filters" case's twin; compared only with portico
+pw = max([8] + [len(p) for p in proxies])
+cw = max([6] + [len(c) for c in cases])
+hdr = "%-*s %-*s %11s %9s %9s %5s %11s %7s" % (cw, "case", pw, "proxy", "req/s", "p50 us", "p99 us",
+                                               "cpu%", "cpu us/req", "errors")
 print(hdr)
 print("-" * len(hdr))
 for c in cases:
@@ -321,18 +375,18 @@ for c in cases:
         rs = med.get((c, p))
         if not rs:
             continue
-        print("%-6s %-8s %11.0f %9.0f %9.0f %5.0f %11.2f %7d" % (
-            c, p, m(rs, "rps"), m(rs, "p50_us"), m(rs, "p99_us"), m(rs, "cpu_pct"),
+        print("%-*s %-*s %11.0f %9.0f %9.0f %5.0f %11.2f %7d" % (
+            cw, c, pw, p, m(rs, "rps"), m(rs, "p50_us"), m(rs, "p99_us"), m(rs, "cpu_pct"),
             m(rs, "cpu_us_per_req"), sum(int(x["errors"]) for x in rs)))
-if "portico" in proxies and len(proxies) > 1:
+others = [p for p in proxies if p not in ("portico", FILTERED)]
+if any(c != "filters" and (c, "portico") in med for c in cases) and others:
     print()
-    others = [p for p in proxies if p != "portico"]
     cols = []
     for o in others:
         cols += ["req/s vs %s" % o, "per-CPU vs %s" % o]
     print("%-6s " % "case" + " ".join("%18s" % h for h in cols))
     for c in cases:
-        if (c, "portico") not in med:
+        if (c, "portico") not in med or c == "filters":
             continue
         pr, pc = m(med[(c, "portico")], "rps"), m(med[(c, "portico")], "cpu_us_per_req")
         vals = []
@@ -345,6 +399,14 @@ if "portico" in proxies and len(proxies) > 1:
             # Requests per CPU second: the inverse ratio of CPU us per request.
             vals.append("%.2fx" % (ocpu / pc) if pc else "-")
         print("%-6s " % c + " ".join("%18s" % v for v in vals))
+if ("filters", "portico") in med and ("filters", FILTERED) in med:
+    plain, filt = med[("filters", "portico")], med[("filters", FILTERED)]
+    rps_ratio = m(filt, "rps") / m(plain, "rps") if m(plain, "rps") else 0
+    cpu_ratio = m(plain, "cpu_us_per_req") / m(filt, "cpu_us_per_req") if m(filt, "cpu_us_per_req") else 0
+    print()
+    print("filters: Portico with request_id + headers + cors vs the same route without filters")
+    print("  req/s %.2fx, per-CPU %.2fx (goal >= 0.95)%s" % (
+        rps_ratio, cpu_ratio, "" if min(rps_ratio, cpu_ratio) >= 0.95 else "  BELOW GOAL"))
 if any(int(r["errors"]) for r in rows):
     print("\nWARNING: some runs had errors (non-2xx or socket errors): see the log above.")
 EOF

@@ -147,8 +147,7 @@ static int ex_check_keys(json_t *json, const char *path, char *err, size_t errle
                                          "pause_ms", "on_response", "body_bytes" };
     const char *key;
     json_t *v;
-    json_object_foreach(json, key, v)
-    {
+    json_object_foreach (json, key, v) {
         size_t i = 0;
         while (i < sizeof(known) / sizeof(known[0]) && strcmp(key, known[i]) != 0)
             i++;

@@ -253,6 +253,8 @@ int response_status(const struct request *r)
     return r->resp.status ? r->resp.status : r->status;
 }
 
+int response_is_local(const struct request *r) { return r->local.set; }
+
 const char *response_header(const struct request *r, const char *name, size_t *len)
 {
     if (r->local.set || !r->resp.headers)

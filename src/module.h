@@ -90,7 +90,11 @@ const char *request_query(const struct request *r, size_t *len);
 const char *request_host(const struct request *r);
 const char *request_route_name(const struct request *r);
 /* The first value of a request header as the client sent it, or NULL.
- * Edits made by filters are not reflected here. */
+ * The value is *len bytes, NOT NUL-terminated, and points into the
+ * request's input: readable only while on_request (or a paused request's
+ * resumption) runs; after the head has been forwarded it returns NULL.
+ * Copy what you need later (request_alloc). Edits made by filters are not
+ * reflected here. */
 const char *request_header(const struct request *r, const char *name, size_t *len);
 /* The real client address: the peer, or, when the peer is a trusted proxy,
  * the right-most X-Forwarded-For address not itself trusted. */
@@ -109,6 +113,9 @@ void request_remove_header(struct request *r, const char *name);
 
 /* ---- the response ------------------------------------------------------- */
 int response_status(const struct request *r);
+/* 1 in on_response when the answer is a local one (Portico's or a
+ * filter's), 0 when it is the upstream's. */
+int response_is_local(const struct request *r);
 /* First value of a response header from the upstream (in on_response of a
  * proxied answer), or NULL. */
 const char *response_header(const struct request *r, const char *name, size_t *len);

@@ -1,6 +1,7 @@
 #include "worker.h"
 #include "conn.h"
 #include "log.h"
+#include "modules.h"
 #include "upstream.h"
 
 #include <errno.h>
@@ -239,6 +240,16 @@ struct worker *worker_new(int id, struct config *cfg, const int *listen_fds, cha
     event_assign(&w->tick_ev, w->base, -1, EV_PERSIST, on_tick, w);
     struct timeval one_sec = { 1, 0 };
     event_add(&w->tick_ev, &one_sec);
+    /* Each module built in gets its per-worker start, on this worker's loop. */
+    for (size_t i = 0; portico_modules[i]; i++) {
+        const struct module *m = portico_modules[i];
+        char merr[256] = "";
+        if (m->worker_init && m->worker_init(id, w->base, merr, sizeof(merr)) < 0) {
+            snprintf(err, errlen, "worker %d: module %s: %s", id, m->name, merr[0] ? merr : "init failed");
+            worker_free(w);
+            return NULL;
+        }
+    }
     const char *lp = cfg->access_log.path;
     if (lp && strcmp(lp, "off") != 0) {
         if (strcmp(lp, "-") == 0) {
