@@ -47,8 +47,12 @@ static size_t out_cap(const struct config_limits *l)
 static void on_client_event(evutil_socket_t fd, short what, void *arg)
 {
     struct conn *c = arg;
-    if (what & EV_READ)
+    if (what & (EV_READ | EV_CLOSED))
         c->readable = 1;
+    /* The peer's FIN may come in the same segment as its last bytes: then
+     * no further edge arrives, so keep reading until read() says EOF. */
+    if (what & EV_CLOSED)
+        c->rdhup = 1;
     if (what & EV_WRITE)
         c->writable = 1;
     conn_pump(c);
@@ -95,7 +99,7 @@ void conn_accept(struct worker *w, int fd, const struct sockaddr *sa, socklen_t 
     c->last_write_ms = c->idle_since_ms;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    event_assign(&c->ev, w->base, fd, EV_READ | EV_WRITE | EV_ET | EV_PERSIST, on_client_event, c);
+    event_assign(&c->ev, w->base, fd, EV_READ | EV_WRITE | EV_CLOSED | EV_ET | EV_PERSIST, on_client_event, c);
     event_assign(&c->timer, w->base, -1, 0, on_timer, c);
     event_assign(&c->resume_ev, w->base, -1, 0, on_resume, c);
     event_add(&c->ev, NULL);
@@ -396,7 +400,7 @@ static int client_read(struct conn *c)
             struct tcp_info ti;
             socklen_t tl = sizeof(ti);
             if (getsockopt(c->fd, IPPROTO_TCP, TCP_INFO, &ti, &tl) == 0 &&
-                ti.tcpi_state == TCP_CLOSE_WAIT)
+                ti.tcpi_state != TCP_ESTABLISHED)
                 gone = 1;
         }
         if (gone) {
@@ -415,7 +419,7 @@ static int client_read(struct conn *c)
     if (n > 0) {
         c->in.end += (size_t)n;
         c->req.bytes_in += (size_t)n;
-        if ((size_t)n < space)
+        if ((size_t)n < space && !c->rdhup)
             c->readable = 0;
         return 1;
     }
@@ -481,6 +485,41 @@ static void allow_header(struct conn *c, const char *host, size_t hlen, char *ou
 static void start_proxy(struct conn *c);
 static void request_dispatch(struct conn *c);
 
+/* An absolute-form authority becomes the Host we forward: hold it to the
+ * same rules (a host name or [IPv6], then an optional port 1..65535). */
+static int authority_valid(const char *a, size_t n)
+{
+    size_t i = 0;
+    if (n && a[0] == '[') {
+        for (i = 1; i < n && a[i] != ']'; i++)
+            if (!strchr("0123456789abcdefABCDEF:.", a[i]))
+                return 0;
+        if (i >= n || i == 1)
+            return 0;
+        i++;
+    } else {
+        for (; i < n && a[i] != ':'; i++) {
+            char ch = a[i];
+            if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+                  ch == '-' || ch == '.' || ch == '_' || ch == '~'))
+                return 0;
+        }
+        if (i == 0)
+            return 0;
+    }
+    if (i == n)
+        return 1;
+    if (a[i] != ':' || i + 1 == n || n - i - 1 > 5)
+        return 0;
+    unsigned port = 0;
+    for (i++; i < n; i++) {
+        if (a[i] < '0' || a[i] > '9')
+            return 0;
+        port = port * 10 + (unsigned)(a[i] - '0');
+    }
+    return port >= 1 && port <= 65535;
+}
+
 /* A complete head is at the front of c->in: decide what to do with it. */
 static void request_begin(struct conn *c, size_t head_len)
 {
@@ -488,6 +527,7 @@ static void request_begin(struct conn *c, size_t head_len)
     struct http_request *h = &r->head;
     const struct config_limits *l = limits(c);
     r->head_len = head_len;
+    r->rb_start_ms = worker_now_ms(c->w);
     r->method = arena_strndup(&c->arena, h->method_str.p, h->method_str.len);
     r->keepalive = !h->conn_close && !worker_draining(c->w);
     r->has_body = h->chunked || h->content_length > 0;
@@ -502,6 +542,11 @@ static void request_begin(struct conn *c, size_t head_len)
     }
     const char *host = h->host.p;
     size_t hlen = h->host.len;
+    if (t.authority && !authority_valid(t.authority, t.authority_len)) {
+        r->keepalive = 0;
+        respond_error(c, 400, NULL);
+        return;
+    }
     if (t.authority) {
         host = t.authority;
         hlen = t.authority_len;
@@ -663,6 +708,13 @@ static void client_gone(struct conn *c)
     c->dead = 1;
 }
 
+/* RFC 9110 9.2.2: only these may be sent again without asking. */
+static int method_idempotent(enum http_method m)
+{
+    return m == HTTP_M_GET || m == HTTP_M_HEAD || m == HTTP_M_OPTIONS || m == HTTP_M_TRACE ||
+           m == HTTP_M_PUT || m == HTTP_M_DELETE;
+}
+
 static void start_proxy(struct conn *c)
 {
     struct request *r = &c->req;
@@ -692,7 +744,7 @@ static void start_proxy(struct conn *c)
     proxy_build_request(c, &c->up->out);
     /* Keep a copy for one retry on a fresh connection if this pooled one
      * turns out to be dead: only for requests without a body. */
-    if (c->up->reused && r->rb == RB_NONE) {
+    if (c->up->reused && r->rb == RB_NONE && method_idempotent(r->head.method)) {
         r->up_head_len = buf_len(&c->up->out) - before;
         r->up_head = arena_alloc(&c->arena, r->up_head_len);
         memcpy(r->up_head, buf_head(&c->up->out) + before, r->up_head_len);
@@ -719,6 +771,8 @@ static void upstream_gone(struct conn *c, int status, const char *why)
         upconn_close(u);
         c->up = NULL;
         r->retried = 1;
+        r->up_eof = 0;
+        r->up_write_failed = 0;
         /* Skip the other idle ones: they are likely as stale. */
         pool_close_all(p);
         const struct config_limits *l = limits(c);
@@ -785,7 +839,7 @@ static int upstream_connect_check(struct conn *c)
 static int upstream_flush(struct conn *c)
 {
     struct upconn *u = c->up;
-    if (!u || u->state != UP_ACTIVE || !u->writable)
+    if (!u || u->state != UP_ACTIVE || !u->writable || c->req.up_write_failed)
         return 0;
     size_t olen = buf_len(&u->out);
     if (olen + u->span_len == 0)
@@ -808,14 +862,18 @@ static int upstream_flush(struct conn *c)
         }
         if (errno == EINTR)
             return 1;
-        char why[128];
-        snprintf(why, sizeof(why), "write: %s", strerror(errno));
-        /* The upstream may have answered before closing: read that first. */
-        if (buf_len(&u->in) == 0 || c->req.rs == RS_WAIT_HEAD) {
-            upstream_gone(c, 502, why);
-            return 1;
+        /* The upstream may have answered (say, 413) and closed before
+         * taking the whole body: read what it sent before deciding. */
+        log_debug("upstream write: %s", strerror(errno));
+        c->req.up_write_failed = 1;
+        u->readable = 1;
+        buf_consume(&u->out, buf_len(&u->out));
+        if (u->span_len) {
+            u->span_src = NULL;
+            u->span_len = 0;
         }
-        return 0;
+        c->req.keepalive = 0;
+        return 1;
     }
     size_t w = (size_t)wr;
     size_t from_out = w < olen ? w : olen;
@@ -843,7 +901,7 @@ static int upstream_read(struct conn *c, int *eof)
     ssize_t n = read(u->fd, u->in.data + u->in.end, space);
     if (n > 0) {
         u->in.end += (size_t)n;
-        if ((size_t)n < space)
+        if ((size_t)n < space && !u->rdhup)
             u->readable = 0;
         c->req.up_activity_ms = worker_now_ms(c->w);
         return 1;
@@ -952,7 +1010,7 @@ static int request_body_feed(struct conn *c)
     struct request *r = &c->req;
     struct upconn *u = c->up;
     const struct config_limits *l = limits(c);
-    if (!u)
+    if (!u || r->up_write_failed)
         return 0;
     switch (r->rb) {
     case RB_NONE:
@@ -1321,7 +1379,8 @@ static uint64_t body_deadline(const struct conn *c)
 {
     const struct request *r = &c->req;
     const struct config_limits *l = limits(c);
-    if ((r->rb != RB_LENGTH && r->rb != RB_CHUNKED) || buf_len(&c->in) >= c->in.cap)
+    if ((r->rb != RB_LENGTH && r->rb != RB_CHUNKED) || buf_len(&c->in) >= c->in.cap ||
+        r->rs == RS_LOCAL || r->rs == RS_PAUSED || r->rs == RS_DONE || r->rs == RS_ABORT)
         return 0;
     uint64_t d = r->rb_start_ms + (uint64_t)l->body_timeout_ms;
     if (l->body_min_rate)
@@ -1336,8 +1395,13 @@ static uint64_t upstream_deadline(const struct conn *c)
         return 0;
     if (c->up->state == UP_CONNECTING)
         return r->up_connect_deadline_ms;
-    if (r->rs == RS_WAIT_HEAD && r->rb != RB_DONE && r->rb != RB_NONE)
-        return 0; /* still sending the body: the body deadline applies */
+    if (r->rs == RS_WAIT_HEAD && r->rb != RB_DONE && r->rb != RB_NONE) {
+        /* Still sending the body: the body deadline covers a slow client;
+         * an upstream that stops taking the body is timed here. */
+        if (buf_len(&c->up->out) + c->up->span_len > 0 && !c->up->writable)
+            return r->up_activity_ms + (uint64_t)r->route->upstream->timeout_ms;
+        return 0;
+    }
     if (r->rs != RS_WAIT_HEAD && buf_len(&c->up->in) >= c->up->in.cap)
         return 0; /* we are not reading: the client is slow, not the upstream */
     return r->up_activity_ms + (uint64_t)r->route->upstream->timeout_ms;

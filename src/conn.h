@@ -122,6 +122,7 @@ struct request {
     char *up_head;                 /* copy of the upstream head for one retry, or NULL */
     size_t up_head_len;
     int retried;
+    int up_write_failed;           /* the upstream stopped taking the request */
     int up_eof;                    /* the upstream closed (1) or reset (-1) */
     int head_consumed;             /* the head's bytes were dropped from c->in */
     /* filters */
@@ -152,7 +153,7 @@ struct conn {
     int fd;
     struct event ev, timer, resume_ev;
     enum conn_state state;
-    unsigned readable : 1, writable : 1, eof : 1, dead : 1;
+    unsigned readable : 1, writable : 1, eof : 1, dead : 1, rdhup : 1;
     unsigned close_after : 1;      /* close once the response is out */
     unsigned linger_needed : 1;
     struct sockaddr_storage peer;

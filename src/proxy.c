@@ -63,12 +63,39 @@ static void connection_tokens(const struct http_header *h, size_t nh, struct con
     }
 }
 
-static int named_by_connection(const struct conn_tokens *ct, const struct http_str *name)
+/* Is name listed in the Connection fields? Past MAX_CONN_TOKENS options
+ * the fields themselves are searched again: every option counts. */
+static int named_by_connection(const struct conn_tokens *ct, const struct http_str *name,
+                               const struct http_header *h, size_t nh)
 {
     for (int i = 0; i < ct->n; i++)
         if (ct->t[i].len == name->len && strncasecmp(ct->t[i].p, name->p, name->len) == 0)
             return 1;
+    if (!ct->overflow)
+        return 0;
+    for (size_t i = 0; i < nh; i++) {
+        if (!http_token_eq(h[i].name.p, h[i].name.len, "connection"))
+            continue;
+        const char *p = h[i].value.p, *end = p + h[i].value.len;
+        while (p < end) {
+            while (p < end && (*p == ' ' || *p == '\t' || *p == ','))
+                p++;
+            const char *s = p;
+            while (p < end && *p != ',' && *p != ' ' && *p != '\t')
+                p++;
+            if ((size_t)(p - s) == name->len && strncasecmp(s, name->p, name->len) == 0)
+                return 1;
+        }
+    }
     return 0;
+}
+
+/* Names with '_' are dropped on the way upstream, as nginx does by default:
+ * CGI/WSGI servers map '-' and '_' to the same variable, so X_Forwarded_For
+ * could pass for the X-Forwarded-For we set. */
+static int has_underscore(const struct http_str *n)
+{
+    return memchr(n->p, '_', n->len) != NULL;
 }
 
 static void put(struct buf *b, const char *s, size_t n) { buf_append(b, s, n); }
@@ -163,7 +190,8 @@ void proxy_build_request(struct conn *c, struct buf *out)
     int have_proto = 0, have_fhost = 0, have_realip = 0, xff_open = 0;
     for (size_t i = 0; i < h->nheaders; i++) {
         const struct http_header *f = &h->headers[i];
-        if (proxy_is_hop_by_hop(f->name.p, f->name.len) || named_by_connection(&ct, &f->name))
+        if (proxy_is_hop_by_hop(f->name.p, f->name.len) || has_underscore(&f->name) ||
+            named_by_connection(&ct, &f->name, h->headers, h->nheaders))
             continue;
         if (r->req_edits && filter_edits_drop(r->req_edits, f->name.p, f->name.len))
             continue;
@@ -269,7 +297,8 @@ void proxy_build_response(struct conn *c, const struct http_response *resp, int 
     connection_tokens(resp->headers, resp->nheaders, &ct);
     for (size_t i = 0; i < resp->nheaders; i++) {
         const struct http_header *f = &resp->headers[i];
-        if (proxy_is_hop_by_hop(f->name.p, f->name.len) || named_by_connection(&ct, &f->name))
+        if (proxy_is_hop_by_hop(f->name.p, f->name.len) ||
+            named_by_connection(&ct, &f->name, resp->headers, resp->nheaders))
             continue;
         if (r->resp_edits && filter_edits_drop(r->resp_edits, f->name.p, f->name.len))
             continue;

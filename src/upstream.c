@@ -26,7 +26,7 @@ static void on_upconn_event(evutil_socket_t fd, short what, void *arg)
 {
     struct upconn *u = arg;
     if (u->state == UP_IDLE) {
-        if (!(what & EV_READ)) {
+        if (!(what & (EV_READ | EV_CLOSED))) {
             u->writable = 1;
             return;
         }
@@ -36,8 +36,10 @@ static void on_upconn_event(evutil_socket_t fd, short what, void *arg)
         upconn_close(u);
         return;
     }
-    if (what & EV_READ)
+    if (what & (EV_READ | EV_CLOSED))
         u->readable = 1;
+    if (what & EV_CLOSED)
+        u->rdhup = 1;
     if (what & EV_WRITE)
         u->writable = 1;
     if (u->owner)
@@ -81,7 +83,7 @@ struct upconn *upconn_get(struct pool *p, struct conn *owner, size_t in_cap, siz
     u->owner = owner;
     buf_init(&u->in, in_cap);
     buf_init(&u->out, out_cap);
-    event_assign(&u->ev, worker_base(p->w), fd, EV_READ | EV_WRITE | EV_ET | EV_PERSIST,
+    event_assign(&u->ev, worker_base(p->w), fd, EV_READ | EV_WRITE | EV_CLOSED | EV_ET | EV_PERSIST,
                  on_upconn_event, u);
     event_add(&u->ev, NULL);
     return u;
@@ -93,8 +95,11 @@ void upconn_release(struct upconn *u)
     u->owner = NULL;
     u->span_src = NULL;
     u->span_len = 0;
+    /* Pending input (bytes nobody asked for, or the upstream's FIN) means
+     * the connection cannot carry another exchange. */
     if (p->nidle >= p->up->keepalive || u->requests >= p->up->keepalive_requests ||
-        buf_len(&u->in) || buf_len(&u->out) || worker_draining(p->w)) {
+        buf_len(&u->in) || buf_len(&u->out) || u->readable || u->rdhup ||
+        worker_draining(p->w)) {
         upconn_close(u);
         return;
     }

@@ -29,7 +29,7 @@ struct upconn {
     int fd;
     enum upconn_state state;
     struct event ev;            /* EV_READ|EV_WRITE|EV_ET|EV_PERSIST, added once */
-    unsigned readable : 1, writable : 1;
+    unsigned readable : 1, writable : 1, rdhup : 1;
     unsigned reused : 1;        /* served a request before this one */
     struct buf in, out;         /* out: request head and framing copies */
     struct buf *span_src;       /* after out: the first span_len bytes of *span_src */
