@@ -261,8 +261,9 @@ static void cors_free(void *cfg)
     free(c);
 }
 
-static int cors_parse(json_t *json, const char *path, void **cfg, char *err, size_t errlen)
+static int cors_parse(json_t *json, const char *path, void *gcfg, void **cfg, char *err, size_t errlen)
 {
+    (void)gcfg;
     static const char known[] = " origins methods headers expose_headers credentials max_age_s ";
     char probe[80];
     const char *key;

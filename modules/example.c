@@ -159,8 +159,9 @@ static int ex_check_keys(json_t *json, const char *path, char *err, size_t errle
     return 0;
 }
 
-static int ex_parse_config(json_t *json, const char *path, void **cfgp, char *err, size_t errlen)
+static int ex_parse_config(json_t *json, const char *path, void *gcfg, void **cfgp, char *err, size_t errlen)
 {
+    (void)gcfg;
     if (!json_is_object(json)) {
         snprintf(err, errlen, "%s: must be an object", path);
         return -1;

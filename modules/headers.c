@@ -269,9 +269,10 @@ static int parse_side(json_t *json, struct side *s, const char *path, char *err,
     return 0;
 }
 
-static int headers_parse_config(json_t *json, const char *path, void **out, char *err,
+static int headers_parse_config(json_t *json, const char *path, void *gcfg, void **out, char *err,
                                 size_t errlen)
 {
+    (void)gcfg;
     char sub[512];
     const char *key;
     json_t *val;

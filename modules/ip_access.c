@@ -74,8 +74,9 @@ static void ip_access_free(void *cfg)
     free(c);
 }
 
-static int ip_access_parse(json_t *json, const char *path, void **cfg, char *err, size_t errlen)
+static int ip_access_parse(json_t *json, const char *path, void *gcfg, void **cfg, char *err, size_t errlen)
 {
+    (void)gcfg;
     const char *key;
     json_t *v;
     if (!json_is_object(json))

@@ -203,8 +203,9 @@ static void rid_free_config(void *p)
     }
 }
 
-static int rid_parse_config(json_t *json, const char *path, void **out, char *err, size_t errlen)
+static int rid_parse_config(json_t *json, const char *path, void *gcfg, void **out, char *err, size_t errlen)
 {
+    (void)gcfg;
     if (!json_is_object(json)) {
         snprintf(err, errlen, "%s: expected an object like {} or {\"header\": \"X-Request-Id\"}",
                  path);

@@ -1011,7 +1011,9 @@ static void parse_filters(struct load *ld, json_t *obj, struct filter_conf **out
                 push_key(ld, key);
                 char msg[MSG_MAX] = "";
                 void *cfg = NULL;
-                if (m->parse_config(json_object_get(f, key), ld->path.p, &cfg, msg, sizeof(msg)) < 0) {
+                void *gcfg = config_module_global(ld->cfg, m);
+                if (m->parse_config(json_object_get(f, key), ld->path.p, gcfg, &cfg, msg,
+                                    sizeof(msg)) < 0) {
                     filter_error(ld, msg[0] ? msg : "invalid configuration");
                 } else {
                     (*out)[*nout].m = m;
@@ -1158,13 +1160,86 @@ static void parse_routes(struct load *ld, json_t *root)
     pop(ld);
 }
 
+/* Top-level sections owned by modules (module.h: global_key), and which
+ * module owns each, so a build without it can say so. */
+static const struct {
+    const char *key, *module;
+} module_sections[] = { { "jwt_providers", "jwt_auth" }, { "redis", "rate_limit" } };
+
+static size_t module_count(void)
+{
+    size_t n = 0;
+    while (portico_modules[n])
+        n++;
+    return n;
+}
+
+/* Each built module's parse_global, with its section or NULL. */
+static void parse_module_globals(struct load *ld, json_t *root)
+{
+    size_t n = module_count();
+    ld->cfg->module_globals = xcalloc(n ? n : 1, sizeof(void *));
+    for (size_t i = 0; i < n; i++) {
+        const struct module *m = portico_modules[i];
+        if (!m->global_key || !m->parse_global)
+            continue;
+        json_t *v = json_object_get(root, m->global_key);
+        char msg[MSG_MAX] = "";
+        push_key(ld, m->global_key);
+        if (m->parse_global(v, ld->path.p, &ld->cfg->module_globals[i], msg, sizeof(msg)) < 0)
+            filter_error(ld, msg[0] ? msg : "invalid configuration");
+        pop(ld);
+    }
+}
+
+int config_start_modules(struct config *c, char *err, size_t errlen)
+{
+    for (size_t i = 0; portico_modules[i]; i++) {
+        const struct module *m = portico_modules[i];
+        if (m->start_global && c->module_globals && c->module_globals[i] &&
+            m->start_global(c->module_globals[i], err, errlen) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+void *config_module_global(const struct config *c, const struct module *m)
+{
+    for (size_t i = 0; portico_modules[i]; i++)
+        if (portico_modules[i] == m)
+            return c->module_globals ? c->module_globals[i] : NULL;
+    return NULL;
+}
+
 static void parse_root(struct load *ld, json_t *root)
 {
-    static const char *const known[] = {
+    static const char *const fixed[] = {
         "workers", "log_level", "listeners", "limits", "access_log", "trusted_proxies",
-        "via", "upstreams", "routes", "filters", NULL,
+        "via", "upstreams", "routes", "filters",
     };
-    static const char *const later[] = { "admin", "redis", "jwt_providers", NULL };
+    size_t nfixed = sizeof(fixed) / sizeof(fixed[0]);
+    const char *known[sizeof(fixed) / sizeof(fixed[0]) + 64 +
+                      sizeof(module_sections) / sizeof(module_sections[0]) + 1];
+    size_t nk = 0;
+    for (size_t i = 0; i < nfixed; i++)
+        known[nk++] = fixed[i];
+    for (size_t i = 0; portico_modules[i] && nk < nfixed + 64; i++)
+        if (portico_modules[i]->global_key)
+            known[nk++] = portico_modules[i]->global_key;
+    known[nk] = NULL;
+    /* Sections of modules not built in: a clear error rather than "unknown". */
+    for (size_t i = 0; i < sizeof(module_sections) / sizeof(module_sections[0]); i++) {
+        if (in_list(known, module_sections[i].key))
+            continue;
+        if (json_object_get(root, module_sections[i].key))
+            err_key(ld, module_sections[i].key,
+                    "needs the %s module, which is not built into this binary (portico -V lists "
+                    "the modules)",
+                    module_sections[i].module);
+        known[nk++] = module_sections[i].key; /* reported here, not again as unknown */
+        known[nk] = NULL;
+    }
+    static const char *const later[] = { "admin", NULL };
     check_keys(ld, root, known, later);
     parse_workers(ld, root);
     parse_log_level(ld, root);
@@ -1174,6 +1249,7 @@ static void parse_root(struct load *ld, json_t *root)
     parse_trusted_proxies(ld, root);
     get_bool(ld, root, "via", 0, &ld->cfg->via);
     parse_upstreams(ld, root);
+    parse_module_globals(ld, root);
     parse_filters(ld, root, &ld->cfg->filters, &ld->cfg->nfilters);
     parse_routes(ld, root);
 }
@@ -1322,6 +1398,12 @@ static void config_free(struct config *c)
         route_free(c->routes[i]);
     free(c->routes);
     filters_free(c->filters, c->nfilters);
+    if (c->module_globals) {
+        for (size_t i = 0; portico_modules[i]; i++)
+            if (c->module_globals[i] && portico_modules[i]->free_global)
+                portico_modules[i]->free_global(c->module_globals[i]);
+        free(c->module_globals);
+    }
     for (size_t i = 0; i < c->nupstreams; i++) {
         for (size_t k = 0; k < c->upstreams[i].nendpoints; k++)
             free(c->upstreams[i].endpoints[k].address);

@@ -112,6 +112,7 @@ struct config {
     struct filter_conf *filters;   /* global filters: run before every route's */
     size_t nfilters;
     json_t *json;                  /* the substituted document (for the admin API later) */
+    void **module_globals;         /* per portico_modules[] index: parse_global's result */
 };
 
 /* Collected load errors. */
@@ -130,6 +131,13 @@ struct config *config_load_string(const char *json, const char *file, struct con
 
 struct config *config_ref(struct config *c);
 void config_unref(struct config *c);
+
+/* What module m's parse_global returned for this config (NULL if none). */
+struct module;
+void *config_module_global(const struct config *c, const struct module *m);
+/* Run start_global of every module with a section: the config is about to
+ * serve. Returns 0, or -1 with a message in err. */
+int config_start_modules(struct config *c, char *err, size_t errlen);
 
 /* Find an upstream by name; NULL if absent. */
 struct config_upstream *config_find_upstream(const struct config *c, const char *name);

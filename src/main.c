@@ -148,6 +148,13 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    char merr[512] = "";
+    if (config_start_modules(cfg, merr, sizeof(merr)) < 0) {
+        fprintf(stderr, "portico: %s: %s\n", file, merr[0] ? merr : "a module failed to start");
+        config_unref(cfg);
+        return 1;
+    }
+
     int nw = cfg->workers;
     struct worker **workers = xcalloc((size_t)nw, sizeof(*workers));
     if (start_workers(cfg, workers, nw) < 0) {

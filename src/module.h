@@ -55,11 +55,28 @@ enum filter_status { FILTER_CONTINUE = 0, FILTER_RESPONDED = 1, FILTER_PAUSED = 
 
 struct module {
     const char *name;
+    /* Optional: the top-level config section this module owns, e.g.
+     * "jwt_providers" or "redis". parse_global runs once per config load,
+     * before any filter config of the module, with the section's value, or
+     * NULL when the section is absent (the module may still need defaults).
+     * Its result (gcfg, NULL is fine) is passed to every parse_config of
+     * the same load; keep a pointer to it in the filter's cfg if the hooks
+     * need it. Errors as for parse_config (path is the section's name). */
+    const char *global_key;
+    int (*parse_global)(json_t *json, const char *path, void **gcfg, char *err, size_t errlen);
+    /* Optional: the config that holds gcfg is about to serve (not called
+     * for `portico -t`). Start background work here (a key fetcher, say);
+     * free_global stops it. Called on the main thread before workers run
+     * requests with this config. */
+    int (*start_global)(void *gcfg, char *err, size_t errlen);
+    void (*free_global)(void *gcfg);
     /* Parse this filter's config: json is the value under the module's name
      * (an object, usually). path is its JSON path, e.g.
-     * "routes[2].filters[0].cors", to start messages with. Returns 0 and sets
-     * *cfg (NULL is fine), or -1 with "path.key: what is wrong" in err. */
-    int (*parse_config)(json_t *json, const char *path, void **cfg, char *err, size_t errlen);
+     * "routes[2].filters[0].cors", to start messages with. gcfg is what
+     * parse_global returned for this load (NULL without one). Returns 0 and
+     * sets *cfg (NULL is fine), or -1 with "path.key: what is wrong" in err. */
+    int (*parse_config)(json_t *json, const char *path, void *gcfg, void **cfg, char *err,
+                        size_t errlen);
     void (*free_config)(void *cfg); /* optional */
     /* Optional, once per worker thread before it serves anything. */
     int (*worker_init)(int worker_id, struct event_base *base, char *err, size_t errlen);

@@ -25,8 +25,9 @@ HELLO_C = r'''/* An out-of-tree module for the build test: greets in a response 
 #include <string.h>
 #include "module.h"
 
-static int hello_parse(json_t *json, const char *path, void **cfg, char *err, size_t errlen)
+static int hello_parse(json_t *json, const char *path, void *gcfg, void **cfg, char *err, size_t errlen)
 {
+    (void)gcfg;
     if (!json_is_object(json) || json_object_size(json) != 0) {
         snprintf(err, errlen, "%s: must be an empty object", path);
         return -1;

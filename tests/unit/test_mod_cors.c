@@ -37,7 +37,7 @@ static void expect_ok(int line, const char *text)
     json_t *v = j(text);
     void *cfg = NULL;
     char err[512] = "";
-    int rc = module_cors.parse_config(v, PATH, &cfg, err, sizeof(err));
+    int rc = module_cors.parse_config(v, PATH, NULL, &cfg, err, sizeof(err));
     if (rc != 0)
         fprintf(stderr, "line %d: refused %s: %s\n", line, text, err);
     CHECK_EQ_INT(rc, 0);
@@ -53,7 +53,7 @@ static void expect_err(int line, const char *text, const char *where, const char
     json_t *v = j(text);
     void *cfg = NULL;
     char err[512] = "", prefix[256];
-    int rc = module_cors.parse_config(v, PATH, &cfg, err, sizeof(err));
+    int rc = module_cors.parse_config(v, PATH, NULL, &cfg, err, sizeof(err));
     snprintf(prefix, sizeof(prefix), "%s%s: ", PATH, where);
     int good =
         rc == -1 && strncmp(err, prefix, strlen(prefix)) == 0 && (!want || strstr(err, want));

@@ -37,7 +37,7 @@ static void expect_ok(int line, const char *text)
     json_t *v = j(text);
     void *cfg = NULL;
     char err[256] = "";
-    int rc = module_example.parse_config(v, PATH, &cfg, err, sizeof(err));
+    int rc = module_example.parse_config(v, PATH, NULL, &cfg, err, sizeof(err));
     if (rc != 0)
         fprintf(stderr, "line %d: %s refused: %s\n", line, text, err);
     CHECK_EQ_INT(rc, 0);
@@ -52,7 +52,7 @@ static void expect_error(int line, const char *text, const char *want)
     json_t *v = j(text);
     void *cfg = NULL;
     char err[256] = "";
-    int rc = module_example.parse_config(v, PATH, &cfg, err, sizeof(err));
+    int rc = module_example.parse_config(v, PATH, NULL, &cfg, err, sizeof(err));
     if (rc != -1 || strcmp(err, want) != 0)
         fprintf(stderr, "line %d: %s\n    got rc %d, \"%s\"\n    want \"%s\"\n", line, text, rc,
                 err, want);
@@ -120,7 +120,7 @@ static void test_small_error_buffer(void)
     void *cfg = NULL;
     char err[24];
     memset(err, 'Z', sizeof(err));
-    CHECK_EQ_INT(module_example.parse_config(v, PATH, &cfg, err, 16), -1);
+    CHECK_EQ_INT(module_example.parse_config(v, PATH, NULL, &cfg, err, 16), -1);
     CHECK_EQ_INT(strlen(err), 15);
     CHECK(err[16] == 'Z');
     json_decref(v);

@@ -29,7 +29,7 @@ static int parse(const char *text)
     }
     void *cfg = NULL;
     err[0] = '\0';
-    int rc = module_headers.parse_config(j, PATH, &cfg, err, sizeof(err));
+    int rc = module_headers.parse_config(j, PATH, NULL, &cfg, err, sizeof(err));
     if (rc == 0 && module_headers.free_config)
         module_headers.free_config(cfg);
     json_decref(j);
