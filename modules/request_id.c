@@ -102,8 +102,10 @@ static void hex16_random(char *out)
     do
         v = rng_next();
     while (v == 0);
-    for (int i = 15; i >= 0; i--, v >>= 4)
-        out[i] = digits[v & 15];
+    for (int i = 14; i >= 0; i -= 2, v >>= 8) {
+        out[i] = digits[(v >> 4) & 15];
+        out[i + 1] = digits[v & 15];
+    }
 }
 
 /* ---- validation ------------------------------------------------------------ */

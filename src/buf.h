@@ -1,7 +1,13 @@
 /* A byte buffer owned by one connection: data[start..end) is content,
  * data[end..cap) is free. Fixed capacity chosen at creation; memory is
  * taken lazily (first read) and may be given back when empty, so idle
- * keep-alive connections cost no buffer memory. */
+ * keep-alive connections cost no buffer memory.
+ *
+ * Memory given back goes first to a small per-thread cache (buf.c): a
+ * keep-alive connection releases its buffers after every exchange and
+ * takes them again for the next, and malloc/free of 16-64 KiB blocks cost
+ * about 7% of a proxied request (callgrind). The cache is bounded
+ * (BUF_CACHE_MAX blocks per thread); a thread empties it when it ends. */
 #ifndef PORTICO_BUF_H
 #define PORTICO_BUF_H
 
@@ -26,10 +32,49 @@ static inline void buf_init(struct buf *b, size_t cap)
     b->cap = cap;
 }
 
+#define BUF_CACHE_MAX 16
+struct buf_cache {
+    int n;
+    size_t cap[BUF_CACHE_MAX];
+    char *data[BUF_CACHE_MAX];
+};
+extern __thread struct buf_cache buf_cache;
+
+/* A block of cap bytes: the most recently cached one of that size, or a
+ * new one. */
+static inline char *buf_cache_take(size_t cap)
+{
+    struct buf_cache *bc = &buf_cache;
+    for (int i = bc->n; i-- > 0;) {
+        if (bc->cap[i] == cap) {
+            char *p = bc->data[i];
+            bc->n--;
+            bc->cap[i] = bc->cap[bc->n];
+            bc->data[i] = bc->data[bc->n];
+            return p;
+        }
+    }
+    return xmalloc(cap);
+}
+
+static inline void buf_cache_put(char *p, size_t cap)
+{
+    struct buf_cache *bc = &buf_cache;
+    if (bc->n < BUF_CACHE_MAX) {
+        bc->cap[bc->n] = cap;
+        bc->data[bc->n++] = p;
+    } else {
+        free(p);
+    }
+}
+
+/* Free every cached block of this thread (at thread exit). */
+void buf_cache_flush(void);
+
 static inline void buf_ensure(struct buf *b)
 {
     if (!b->data)
-        b->data = xmalloc(b->cap);
+        b->data = buf_cache_take(b->cap);
 }
 
 /* Free space at the tail after moving content to the front when that
@@ -87,7 +132,7 @@ static inline int buf_can_append(const struct buf *b, size_t n)
 static inline void buf_release_if_empty(struct buf *b)
 {
     if (b->data && b->start == b->end) {
-        free(b->data);
+        buf_cache_put(b->data, b->cap);
         b->data = NULL;
         b->start = b->end = 0;
     }
@@ -95,7 +140,8 @@ static inline void buf_release_if_empty(struct buf *b)
 
 static inline void buf_free(struct buf *b)
 {
-    free(b->data);
+    if (b->data)
+        buf_cache_put(b->data, b->cap);
     b->data = NULL;
     b->start = b->end = 0;
 }

@@ -135,11 +135,14 @@ void filter_edits_emit(const struct header_edit *list, struct buf *out)
     }
 }
 
-static int is_tchar(unsigned char ch)
-{
-    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
-           (ch && strchr("!#$%&'*+-.^_`|~", ch));
-}
+/* RFC 9110 tchar, as a table: modules set headers on every request. */
+static const unsigned char tchar[256] = {
+    ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1,
+    ['+'] = 1, ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1,
+    ['~'] = 1, ['0' ... '9'] = 1, ['A' ... 'Z'] = 1, ['a' ... 'z'] = 1,
+};
+
+static int is_tchar(unsigned char ch) { return tchar[ch]; }
 
 static int valid_name(const char *n)
 {
@@ -153,28 +156,38 @@ static int valid_name(const char *n)
     return !proxy_is_hop_by_hop(n, len) && !(len == 4 && strncasecmp(n, "host", 4) == 0);
 }
 
-static int valid_value(const char *v)
+/* The length of a valid field value, or -1 (CR, LF, NUL or another
+ * control character but HTAB). One table lookup per byte. */
+static const unsigned char value_bad[256] = {
+    [0 ... 8] = 1, [10 ... 31] = 1, [127] = 1,
+};
+
+static ssize_t valid_value_len(const char *v)
 {
     if (!v)
-        return 0;
-    for (const unsigned char *p = (const unsigned char *)v; *p; p++)
-        if (*p == '\r' || *p == '\n' || (*p < 0x20 && *p != '\t') || *p == 0x7f)
-            return 0;
-    return 1;
+        return -1;
+    const unsigned char *p = (const unsigned char *)v;
+    for (; !value_bad[*p]; p++)
+        ;
+    return *p ? -1 : (ssize_t)(p - (const unsigned char *)v);
 }
 
+/* One arena block holds the edit, its name and its value. */
 static int edit_add(struct request *r, struct header_edit ***tail, enum edit_op op,
                     const char *name, const char *value)
 {
-    if (!valid_name(name) || (op != EDIT_REMOVE && !valid_value(value)))
+    ssize_t vlen = 0;
+    if (!valid_name(name) || (op != EDIT_REMOVE && (vlen = valid_value_len(value)) < 0))
         return -1;
-    struct header_edit *e = arena_calloc(r->arena, sizeof(*e));
-    e->op = op;
-    e->name_len = strlen(name);
-    e->name = arena_strndup(r->arena, name, e->name_len);
-    if (value) {
-        e->value_len = strlen(value);
-        e->value = arena_strndup(r->arena, value, e->value_len);
+    size_t nlen = strlen(name);
+    struct header_edit *e = arena_alloc(r->arena, sizeof(*e) + nlen + 1 + (size_t)vlen + 1);
+    char *text = (char *)(e + 1);
+    memcpy(text, name, nlen + 1);
+    *e = (struct header_edit){ .op = op, .name = text, .name_len = nlen };
+    if (op != EDIT_REMOVE) {
+        e->value = text + nlen + 1;
+        e->value_len = (size_t)vlen;
+        memcpy(text + nlen + 1, value, (size_t)vlen + 1);
     }
     **tail = e;
     *tail = &e->next;
@@ -379,11 +392,22 @@ void request_cleanup_add(struct request *r, void (*fn)(void *), void *arg)
     arena_cleanup_add(r->arena, fn, arg);
 }
 
+/* A key/value pair and both strings in one arena block. */
+static struct kv *kv_new(struct request *r, const char *key, const char *value)
+{
+    value = value ? value : "";
+    size_t kl = strlen(key), vl = strlen(value);
+    struct kv *f = arena_alloc(r->arena, sizeof(*f) + kl + vl + 2);
+    char *k = (char *)(f + 1), *v = k + kl + 1;
+    memcpy(k, key, kl + 1);
+    memcpy(v, value, vl + 1);
+    *f = (struct kv){ .key = k, .value = v };
+    return f;
+}
+
 void request_log_field(struct request *r, const char *key, const char *value)
 {
-    struct kv *f = arena_calloc(r->arena, sizeof(*f));
-    f->key = request_strdup(r, key);
-    f->value = request_strdup(r, value ? value : "");
+    struct kv *f = kv_new(r, key, value);
     if (!r->log_fields_tail)
         r->log_fields_tail = &r->log_fields;
     *r->log_fields_tail = f;
@@ -398,9 +422,7 @@ void request_var_set(struct request *r, const char *name, const char *value)
             return;
         }
     }
-    struct kv *v = arena_calloc(r->arena, sizeof(*v));
-    v->key = request_strdup(r, name);
-    v->value = request_strdup(r, value ? value : "");
+    struct kv *v = kv_new(r, name, value);
     v->next = r->vars;
     r->vars = v;
 }

@@ -101,6 +101,24 @@ static int has_underscore(const struct http_str *n)
 static void put(struct buf *b, const char *s, size_t n) { buf_append(b, s, n); }
 static void puts_(struct buf *b, const char *s) { buf_append(b, s, strlen(s)); }
 
+/* Decimal digits of v, by hand: snprintf cost 10% of a proxied request. */
+static void put_uint(struct buf *b, uint64_t v)
+{
+    char d[20];
+    size_t i = sizeof(d);
+    do
+        d[--i] = (char)('0' + v % 10);
+    while ((v /= 10) != 0);
+    buf_append(b, d + i, sizeof(d) - i);
+}
+
+static void put_content_length(struct buf *b, uint64_t v)
+{
+    buf_append(b, "Content-Length: ", 16);
+    put_uint(b, v);
+    buf_append(b, "\r\n", 2);
+}
+
 static void put_field(struct buf *b, const char *name, const char *v, size_t vlen)
 {
     puts_(b, name);
@@ -273,9 +291,7 @@ void proxy_build_request(struct conn *c, struct buf *out)
     if (r->rb == RB_CHUNKED) {
         puts_(out, "Transfer-Encoding: chunked\r\n");
     } else if (r->rb == RB_LENGTH) {
-        char cl[48];
-        int n = snprintf(cl, sizeof(cl), "Content-Length: %llu\r\n", (unsigned long long)r->rb_left);
-        put(out, cl, (size_t)n);
+        put_content_length(out, r->rb_left);
     }
     put(out, "\r\n", 2);
 }
@@ -284,9 +300,9 @@ void proxy_build_response(struct conn *c, const struct http_response *resp, int 
 {
     struct request *r = &c->req;
     struct buf *out = &c->out;
-    char line[64];
-    int n = snprintf(line, sizeof(line), "HTTP/1.1 %d ", resp->status);
-    put(out, line, (size_t)n);
+    put(out, "HTTP/1.1 ", 9);
+    put_uint(out, (uint64_t)resp->status); /* the parser keeps it to 3 digits */
+    put(out, " ", 1);
     if (resp->reason.len)
         put(out, resp->reason.p, resp->reason.len);
     else
@@ -315,13 +331,11 @@ void proxy_build_response(struct conn *c, const struct http_response *resp, int 
     case HTTP_BODY_NONE:
         /* HEAD and 304 answers keep the length the full answer would have. */
         if (resp->content_length >= 0 && resp->status != 204 && resp->status >= 200) {
-            n = snprintf(line, sizeof(line), "Content-Length: %lld\r\n", (long long)resp->content_length);
-            put(out, line, (size_t)n);
+            put_content_length(out, (uint64_t)resp->content_length);
         }
         break;
     case HTTP_BODY_LENGTH:
-        n = snprintf(line, sizeof(line), "Content-Length: %lld\r\n", (long long)resp->content_length);
-        put(out, line, (size_t)n);
+        put_content_length(out, (uint64_t)resp->content_length);
         break;
     case HTTP_BODY_CHUNKED:
     case HTTP_BODY_UNTIL_CLOSE:

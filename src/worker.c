@@ -277,6 +277,7 @@ static void *worker_main(void *arg)
         conn_abort(w->conns);
     if (w->log_fd >= 0)
         log_flush(w);
+    buf_cache_flush();
     __atomic_store_n(&w->done, 1, __ATOMIC_RELEASE);
     return NULL;
 }
@@ -327,4 +328,5 @@ void worker_free(struct worker *w)
     close(w->ctrl_fd[1]);
     event_base_free(w->base);
     free(w);
+    buf_cache_flush(); /* what the pools and the log gave back on this thread */
 }
