@@ -1192,6 +1192,13 @@ static void parse_module_globals(struct load *ld, json_t *root)
     }
 }
 
+int config_upstream_same_connections(const struct config_upstream *a, const struct config_upstream *b)
+{
+    return a->connect_timeout_ms == b->connect_timeout_ms && a->keepalive == b->keepalive &&
+           a->keepalive_timeout_ms == b->keepalive_timeout_ms &&
+           a->keepalive_requests == b->keepalive_requests;
+}
+
 int config_start_modules(struct config *c, char *err, size_t errlen)
 {
     for (size_t i = 0; portico_modules[i]; i++) {

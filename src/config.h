@@ -139,6 +139,12 @@ void *config_module_global(const struct config *c, const struct module *m);
  * serve. Returns 0, or -1 with a message in err. */
 int config_start_modules(struct config *c, char *err, size_t errlen);
 
+/* Whether pooled connections of upstream a may serve upstream b of a
+ * newer config (a reload): same connection settings. Endpoint addresses
+ * are compared per endpoint by the caller. Extend it with every new
+ * setting that shapes a connection (TLS, ...). */
+int config_upstream_same_connections(const struct config_upstream *a, const struct config_upstream *b);
+
 /* Find an upstream by name; NULL if absent. */
 struct config_upstream *config_find_upstream(const struct config *c, const char *name);
 

@@ -28,7 +28,7 @@
 static void conn_pump(struct conn *c);
 static void request_reset(struct conn *c);
 
-static const struct config_limits *limits(const struct conn *c) { return &c->w->cfg->limits; }
+static const struct config_limits *limits(const struct conn *c) { return &c->ps->cfg->limits; }
 
 static size_t in_cap(const struct config_limits *l)
 {
@@ -75,19 +75,40 @@ void conn_on_upstream_event(struct conn *c, struct upconn *u, short what)
     conn_pump(c);
 }
 
-void conn_accept(struct worker *w, int fd, const struct sockaddr *sa, socklen_t salen)
+/* Whether the peer is a trusted proxy, under the connection's config. */
+static void conn_check_trusted(struct conn *c)
 {
-    struct conn *c = xcalloc(1, sizeof(*c));
-    const struct config_limits *l = &w->cfg->limits;
-    c->w = w;
-    c->fd = fd;
-    memcpy(&c->peer, sa, salen);
-    addr_format_ip(sa, c->peer_ip, sizeof(c->peer_ip));
-    for (size_t i = 0; i < w->cfg->ntrusted_proxies; i++)
-        if (cidr_match(&w->cfg->trusted_proxies[i], sa)) {
+    const struct config *cfg = c->ps->cfg;
+    c->trusted = 0;
+    for (size_t i = 0; i < cfg->ntrusted_proxies; i++)
+        if (cidr_match(&cfg->trusted_proxies[i], (const struct sockaddr *)&c->peer)) {
             c->trusted = 1;
             break;
         }
+}
+
+/* A request starts: it runs on the worker's current config (a reload
+ * since the previous request on this connection takes effect here). */
+static void conn_follow_reload(struct conn *c)
+{
+    if (c->ps == c->w->ps || c->up)
+        return;
+    struct poolset *old = c->ps;
+    c->ps = poolset_take(c->w);
+    poolset_put(c->w, old);
+    conn_check_trusted(c);
+}
+
+void conn_accept(struct worker *w, int fd, const struct sockaddr *sa, socklen_t salen)
+{
+    struct conn *c = xcalloc(1, sizeof(*c));
+    c->w = w;
+    c->ps = poolset_take(w);
+    const struct config_limits *l = &c->ps->cfg->limits;
+    c->fd = fd;
+    memcpy(&c->peer, sa, salen);
+    addr_format_ip(sa, c->peer_ip, sizeof(c->peer_ip));
+    conn_check_trusted(c);
     buf_init(&c->in, in_cap(l));
     buf_init(&c->out, out_cap(l));
     arena_init(&c->arena, 8192);
@@ -132,6 +153,7 @@ static void conn_free(struct conn *c)
         w->conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
+    poolset_put(w, c->ps);
     free(c);
     worker_conn_closed(w);
 }
@@ -471,7 +493,7 @@ static void allow_header(struct conn *c, const char *host, size_t hlen, char *ou
     for (size_t i = 0; i < sizeof(ms) / sizeof(ms[0]); i++) {
         const struct config_route *rt;
         struct http_str ms_str = { ms[i].s, strlen(ms[i].s) };
-        if (router_match(c->w->cfg->router, host, hlen, c->req.path, c->req.path_len, ms[i].m,
+        if (router_match(c->ps->cfg->router, host, hlen, c->req.path, c->req.path_len, ms[i].m,
                          &ms_str, &rt) == ROUTER_MATCH) {
             n += (size_t)snprintf(out + n, cap - n, "%s%s", first ? "" : ", ", ms[i].s);
             first = 0;
@@ -525,6 +547,7 @@ static void request_begin(struct conn *c, size_t head_len)
 {
     struct request *r = &c->req;
     struct http_request *h = &r->head;
+    conn_follow_reload(c);
     const struct config_limits *l = limits(c);
     r->head_len = head_len;
     r->rb_start_ms = worker_now_ms(c->w);
@@ -588,7 +611,7 @@ static void request_begin(struct conn *c, size_t head_len)
     }
 
     const struct config_route *rt = NULL;
-    r->route_result = router_match(c->w->cfg->router, r->host, hlen, r->path, r->path_len,
+    r->route_result = router_match(c->ps->cfg->router, r->host, hlen, r->path, r->path_len,
                                    h->method, &h->method_str, &rt);
     r->route = r->route_result == ROUTER_MATCH ? rt : NULL;
     filter_chain_setup(c);
@@ -720,8 +743,8 @@ static void start_proxy(struct conn *c)
     struct request *r = &c->req;
     const struct config_upstream *up = r->route->upstream;
     struct worker *w = c->w;
-    size_t idx = w->rr[up->index]++ % up->nendpoints;
-    struct pool *p = &w->pools[up->index][idx];
+    size_t idx = c->ps->rr[up->index]++ % up->nendpoints;
+    struct pool *p = &c->ps->pools[up->index][idx];
     r->ep = p->ep;
     c->state = CS_REQUEST;
     r->rs = RS_WAIT_HEAD;

@@ -150,6 +150,7 @@ struct request {
 
 struct conn {
     struct worker *w;
+    struct poolset *ps;            /* config snapshot + pools of the current request */
     int fd;
     struct event ev, timer, resume_ev;
     enum conn_state state;

@@ -16,7 +16,7 @@ static struct conn *conn_of(const struct request *r) { return r->conn; }
 void filter_chain_setup(struct conn *c)
 {
     struct request *r = &c->req;
-    const struct config *cfg = c->w->cfg;
+    const struct config *cfg = c->ps->cfg;
     size_t nroute = r->route ? r->route->nfilters : 0;
     r->nchain = cfg->nfilters + nroute;
     if (!r->nchain)
@@ -285,7 +285,7 @@ static void resolve_client(struct request *r)
     snprintf(r->client_ip, sizeof(r->client_ip), "%s", c->peer_ip);
     if (!c->trusted || r->head_consumed)
         return;
-    const struct config *cfg = c->w->cfg;
+    const struct config *cfg = c->ps->cfg;
     /* Walk every X-Forwarded-For field from the last one backwards. */
     for (size_t i = r->head.nheaders; i-- > 0;) {
         const struct http_header *h = &r->head.headers[i];

@@ -99,6 +99,79 @@ static int start_workers(struct config *cfg, struct worker **workers, int nw)
     return 0;
 }
 
+/* SIGHUP: load the file again; when it is valid, every worker switches to
+ * it between requests (in-flight requests finish on the old one) and the
+ * listeners follow it: kept addresses keep their sockets, new ones are
+ * opened here (a busy port fails the reload), removed ones close. An
+ * invalid file, or a listener that cannot open, changes nothing.
+ * Returns 0, or -1 with the first problem in msg. */
+static int reload(const char *file, struct config **cur, struct worker **workers, int nw,
+                  unsigned *gen, char *msg, size_t msglen)
+{
+    struct config_errors errs = { 0 };
+    struct config *nc = config_load(file, &errs);
+    if (!nc) {
+        for (size_t i = 0; i < errs.n; i++)
+            log_error("reload: %s: %s", file, errs.msgs[i]);
+        snprintf(msg, msglen, "%s: %s", file, errs.n ? errs.msgs[0] : "invalid configuration");
+        config_errors_free(&errs);
+        log_error("reload failed: the running configuration stays");
+        return -1;
+    }
+    config_errors_free(&errs);
+    if (nc->workers != (*cur)->workers)
+        log_warn("reload: workers: changing the number of workers needs a restart; %d stay", nw);
+    char err[512] = "";
+    if (config_start_modules(nc, err, sizeof(err)) < 0) {
+        snprintf(msg, msglen, "%s: %s", file, err);
+        log_error("reload failed: %s", msg);
+        config_unref(nc);
+        return -1;
+    }
+    size_t nl = nc->nlisteners;
+    int *fds = xcalloc((size_t)nw * (nl ? nl : 1), sizeof(int));
+    int failed = 0;
+    for (int i = 0; i < nw; i++) {
+        for (size_t l = 0; l < nl; l++) {
+            int *fd = &fds[(size_t)i * nl + l];
+            *fd = -1;
+            int kept = 0;
+            for (size_t k = 0; k < (*cur)->nlisteners && !kept; k++)
+                kept = strcmp((*cur)->listeners[k].address, nc->listeners[l].address) == 0;
+            if (kept || failed)
+                continue;
+            *fd = worker_listen_socket(&nc->listeners[l], err, sizeof(err));
+            if (*fd < 0) {
+                snprintf(msg, msglen, "%s", err);
+                failed = 1;
+            }
+        }
+    }
+    if (failed) {
+        for (size_t i = 0; i < (size_t)nw * nl; i++)
+            if (fds[i] >= 0)
+                close(fds[i]);
+        free(fds);
+        config_unref(nc);
+        log_error("reload failed: %s; the running configuration stays", msg);
+        return -1;
+    }
+    (*gen)++;
+    for (int i = 0; i < nw; i++)
+        worker_reload(workers[i], config_ref(nc), &fds[(size_t)i * nl]);
+    free(fds);
+    /* The old snapshot lives on in the workers' connections that use it. */
+    config_unref(*cur);
+    *cur = nc;
+    int lvl = log_level_parse(nc->log_level ? nc->log_level : "info");
+    log_min_level = lvl < 0 ? LOG_INFO : lvl;
+    for (int i = 0; i < nw; i++)
+        for (int t = 0; t < 500 && !worker_reload_done(workers[i], *gen); t++)
+            usleep(2000);
+    log_info("reloaded %s", file);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *file = DEFAULT_CONFIG;
@@ -170,6 +243,7 @@ int main(int argc, char **argv)
              file);
 
     int draining = 0;
+    unsigned reload_gen = 0;
     struct timespec deadline = { 0, 0 };
     for (;;) {
         struct timespec tick = { 0, 100 * 1000 * 1000 };
@@ -192,7 +266,12 @@ int main(int argc, char **argv)
             for (int i = 0; i < nw; i++)
                 worker_request_drain(workers[i]);
         } else if (sig == SIGHUP) {
-            log_warn("SIGHUP: configuration reload is not supported by this build yet; ignoring");
+            if (draining) {
+                log_warn("SIGHUP while draining: ignored");
+            } else {
+                char msg[1024];
+                reload(file, &cfg, workers, nw, &reload_gen, msg, sizeof(msg));
+            }
         }
         if (draining) {
             int done = 1;

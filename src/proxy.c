@@ -156,7 +156,7 @@ void proxy_build_request(struct conn *c, struct buf *out)
     struct request *r = &c->req;
     const struct http_request *h = &r->head;
     const struct config_route *rt = r->route;
-    const struct config *cfg = c->w->cfg;
+    const struct config *cfg = c->ps->cfg;
 
     /* request-line: method, the normalised (and rewritten) path, query */
     put(out, h->method_str.p, h->method_str.len);
@@ -323,7 +323,7 @@ void proxy_build_response(struct conn *c, const struct http_response *resp, int 
         put(out, f->value.p, f->value.len);
         put(out, "\r\n", 2);
     }
-    if (c->w->cfg->via)
+    if (c->ps->cfg->via)
         puts_(out, "Via: 1.1 portico\r\n");
     if (r->resp_edits)
         filter_edits_emit(r->resp_edits, out);

@@ -140,6 +140,30 @@ void pool_sweep(struct pool *p, uint64_t now_ms)
     }
 }
 
+void pool_move_idle(struct pool *to, struct pool *from)
+{
+    /* from is most-recent-first: append in that order, within to's bound. */
+    struct upconn *tail = to->idle;
+    while (tail && tail->next)
+        tail = tail->next;
+    while (from->idle) {
+        struct upconn *u = from->idle;
+        pool_unlink(from, u);
+        if (to->nidle >= to->up->keepalive) {
+            upconn_close(u);
+            continue;
+        }
+        u->pool = to;
+        u->prev = tail;
+        if (tail)
+            tail->next = u;
+        else
+            to->idle = u;
+        tail = u;
+        to->nidle++;
+    }
+}
+
 void pool_close_all(struct pool *p)
 {
     while (p->idle) {

@@ -61,6 +61,9 @@ void upconn_close(struct upconn *u);
 /* Close idle connections older than the upstream's keepalive_timeout_ms. */
 void pool_sweep(struct pool *p, uint64_t now_ms);
 void pool_close_all(struct pool *p);
+/* Move from's idle connections to an equivalent pool of a newer config
+ * (a reload), up to to's keepalive bound; the rest are closed. */
+void pool_move_idle(struct pool *to, struct pool *from);
 
 /* Called by the event callback of an ACTIVE/CONNECTING upconn: defined
  * by the client connection code. */

@@ -164,6 +164,9 @@ static void start_drain(struct worker *w)
         event_base_loopbreak(w->base);
 }
 
+static int open_access_log(struct worker *w, const struct config *cfg, char *err, size_t errlen);
+static void reload_apply(struct worker *w);
+
 static void on_ctrl(evutil_socket_t fd, short what, void *arg)
 {
     struct worker *w = arg;
@@ -175,17 +178,97 @@ static void on_ctrl(evutil_socket_t fd, short what, void *arg)
         } else if (cmd[i] == 's') {
             start_drain(w);
             event_base_loopbreak(w->base);
+        } else if (cmd[i] == 'r') {
+            reload_apply(w);
         }
     }
+}
+
+/* ---- pool sets (one per config snapshot) --------------------------------- */
+
+static struct poolset *poolset_new(struct worker *w, struct config *cfg)
+{
+    struct poolset *ps = xcalloc(1, sizeof(*ps));
+    ps->cfg = cfg;
+    ps->pools = xcalloc(cfg->nupstreams ? cfg->nupstreams : 1, sizeof(*ps->pools));
+    ps->rr = xcalloc(cfg->nupstreams ? cfg->nupstreams : 1, sizeof(*ps->rr));
+    for (size_t u = 0; u < cfg->nupstreams; u++) {
+        const struct config_upstream *up = &cfg->upstreams[u];
+        ps->pools[u] = xcalloc(up->nendpoints, sizeof(struct pool));
+        for (size_t e = 0; e < up->nendpoints; e++) {
+            ps->pools[u][e].w = w;
+            ps->pools[u][e].up = up;
+            ps->pools[u][e].ep = &up->endpoints[e];
+        }
+        /* Workers start at different endpoints so they do not move in step. */
+        ps->rr[u] = (uint32_t)w->id;
+    }
+    return ps;
+}
+
+static void poolset_free(struct poolset *ps)
+{
+    const struct config *cfg = ps->cfg;
+    for (size_t u = 0; u < cfg->nupstreams; u++) {
+        for (size_t e = 0; e < cfg->upstreams[u].nendpoints; e++)
+            pool_close_all(&ps->pools[u][e]);
+        free(ps->pools[u]);
+    }
+    free(ps->pools);
+    free(ps->rr);
+    config_unref(ps->cfg);
+    free(ps);
+}
+
+/* Idle connections of an upstream the reload left as it was (same name,
+ * endpoint address and connection settings) move to the new set, so a
+ * reload does not cost the upstreams a wave of new connections. */
+static void poolset_adopt_idle(struct poolset *to, struct poolset *from)
+{
+    for (size_t u = 0; u < to->cfg->nupstreams; u++) {
+        const struct config_upstream *nu = &to->cfg->upstreams[u];
+        const struct config_upstream *ou = config_find_upstream(from->cfg, nu->name);
+        if (!ou || !config_upstream_same_connections(ou, nu))
+            continue;
+        for (size_t e = 0; e < nu->nendpoints; e++) {
+            for (size_t k = 0; k < ou->nendpoints; k++) {
+                if (strcmp(ou->endpoints[k].address, nu->endpoints[e].address) != 0)
+                    continue;
+                pool_move_idle(&to->pools[u][e], &from->pools[ou->index][k]);
+                break;
+            }
+        }
+        to->rr[u] = from->rr[ou->index];
+    }
+}
+
+struct poolset *poolset_take(struct worker *w)
+{
+    w->ps->users++;
+    return w->ps;
+}
+
+void poolset_put(struct worker *w, struct poolset *ps)
+{
+    if (--ps->users > 0 || ps == w->ps)
+        return;
+    for (struct poolset **pp = &w->retired; *pp; pp = &(*pp)->next) {
+        if (*pp == ps) {
+            *pp = ps->next;
+            break;
+        }
+    }
+    poolset_free(ps);
 }
 
 static void on_tick(evutil_socket_t fd, short what, void *arg)
 {
     struct worker *w = arg;
     uint64_t now = worker_now_ms(w);
-    for (size_t u = 0; u < w->cfg->nupstreams; u++)
-        for (size_t e = 0; e < w->cfg->upstreams[u].nendpoints; e++)
-            pool_sweep(&w->pools[u][e], now);
+    for (struct poolset *ps = w->ps; ps; ps = ps == w->ps ? w->retired : ps->next)
+        for (size_t u = 0; u < ps->cfg->nupstreams; u++)
+            for (size_t e = 0; e < ps->cfg->upstreams[u].nendpoints; e++)
+                pool_sweep(&ps->pools[u][e], now);
 }
 
 struct worker *worker_new(int id, struct config *cfg, const int *listen_fds, char *err, size_t errlen)
@@ -222,19 +305,7 @@ struct worker *worker_new(int id, struct config *cfg, const int *listen_fds, cha
         event_assign(&w->listeners[i].ev, w->base, listen_fds[i], EV_READ | EV_PERSIST, on_accept, w);
         event_add(&w->listeners[i].ev, NULL);
     }
-    w->pools = xcalloc(cfg->nupstreams ? cfg->nupstreams : 1, sizeof(*w->pools));
-    w->rr = xcalloc(cfg->nupstreams ? cfg->nupstreams : 1, sizeof(*w->rr));
-    for (size_t u = 0; u < cfg->nupstreams; u++) {
-        const struct config_upstream *up = &cfg->upstreams[u];
-        w->pools[u] = xcalloc(up->nendpoints, sizeof(struct pool));
-        for (size_t e = 0; e < up->nendpoints; e++) {
-            w->pools[u][e].w = w;
-            w->pools[u][e].up = up;
-            w->pools[u][e].ep = &up->endpoints[e];
-        }
-        /* Workers start at different endpoints so they do not move in step. */
-        w->rr[u] = (uint32_t)id;
-    }
+    w->ps = poolset_new(w, config_ref(cfg));
     event_assign(&w->ctrl_ev, w->base, w->ctrl_fd[0], EV_READ | EV_PERSIST, on_ctrl, w);
     event_add(&w->ctrl_ev, NULL);
     event_assign(&w->tick_ev, w->base, -1, EV_PERSIST, on_tick, w);
@@ -250,22 +321,41 @@ struct worker *worker_new(int id, struct config *cfg, const int *listen_fds, cha
             return NULL;
         }
     }
-    const char *lp = cfg->access_log.path;
-    if (lp && strcmp(lp, "off") != 0) {
-        if (strcmp(lp, "-") == 0) {
-            w->log_fd = STDOUT_FILENO;
-        } else {
-            w->log_fd = open(lp, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
-            if (w->log_fd < 0) {
-                snprintf(err, errlen, "access_log.path: cannot open %s: %s", lp, strerror(errno));
-                worker_free(w);
-                return NULL;
-            }
-        }
-        buf_init(&w->log, 65536);
-        event_assign(&w->log_ev, w->base, -1, 0, on_log_timer, w);
+    buf_init(&w->log, 65536);
+    event_assign(&w->log_ev, w->base, -1, 0, on_log_timer, w);
+    if (open_access_log(w, cfg, err, errlen) < 0) {
+        worker_free(w);
+        return NULL;
     }
     return w;
+}
+
+/* (Re)open the access log the config names; what is buffered goes to the
+ * old file first. Called at start, on reload and on reopen (SIGUSR1). */
+static int open_access_log(struct worker *w, const struct config *cfg, char *err, size_t errlen)
+{
+    if (w->log_fd >= 0) {
+        log_flush(w);
+        if (w->log_fd != STDOUT_FILENO)
+            close(w->log_fd);
+        w->log_fd = -1;
+    }
+    free(w->log_path);
+    w->log_path = NULL;
+    const char *lp = cfg->access_log.path ? cfg->access_log.path : "-";
+    if (strcmp(lp, "off") == 0)
+        return 0;
+    if (strcmp(lp, "-") == 0) {
+        w->log_fd = STDOUT_FILENO;
+    } else {
+        w->log_fd = open(lp, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+        if (w->log_fd < 0) {
+            snprintf(err, errlen, "access_log.path: cannot open %s: %s", lp, strerror(errno));
+            return -1;
+        }
+    }
+    w->log_path = xstrdup(lp);
+    return 0;
 }
 
 static void *worker_main(void *arg)
@@ -295,6 +385,108 @@ static void ctrl_send(struct worker *w, char cmd)
     while (n < 0 && errno == EINTR);
 }
 
+/* ---- reload --------------------------------------------------------------- */
+
+void worker_reload(struct worker *w, struct config *cfg, const int *listen_fds)
+{
+    struct worker_reload_msg *m = xcalloc(1, sizeof(*m));
+    m->cfg = cfg;
+    m->listen_fds = xcalloc(cfg->nlisteners ? cfg->nlisteners : 1, sizeof(int));
+    memcpy(m->listen_fds, listen_fds, cfg->nlisteners * sizeof(int));
+    struct worker_reload_msg *old = __atomic_exchange_n(&w->pending, m, __ATOMIC_ACQ_REL);
+    if (old) { /* main waits for each reload: cannot happen; never leak */
+        for (size_t i = 0; i < old->cfg->nlisteners; i++)
+            if (old->listen_fds[i] >= 0)
+                close(old->listen_fds[i]);
+        config_unref(old->cfg);
+        free(old->listen_fds);
+        free(old);
+    }
+    ctrl_send(w, 'r');
+}
+
+int worker_reload_done(struct worker *w, unsigned gen)
+{
+    return __atomic_load_n(&w->reload_gen, __ATOMIC_ACQUIRE) >= gen;
+}
+
+/* On the worker: switch to the new config between requests. Listeners
+ * whose address stays keep their socket (and its accept queue); removed
+ * ones take what is queued, then close; added ones start accepting. */
+static void reload_apply(struct worker *w)
+{
+    struct worker_reload_msg *m = __atomic_exchange_n(&w->pending, NULL, __ATOMIC_ACQ_REL);
+    if (!m)
+        return;
+    struct config *cfg = m->cfg;
+    if (w->draining) { /* a stopping worker keeps what it has */
+        for (size_t i = 0; i < cfg->nlisteners; i++)
+            if (m->listen_fds[i] >= 0)
+                close(m->listen_fds[i]);
+        config_unref(cfg);
+        goto done;
+    }
+    struct worker_listener *nl = xcalloc(cfg->nlisteners ? cfg->nlisteners : 1, sizeof(*nl));
+    for (size_t i = 0; i < cfg->nlisteners; i++) {
+        nl[i].fd = -1;
+        nl[i].cfg = &cfg->listeners[i];
+        if (m->listen_fds[i] >= 0) {
+            nl[i].fd = m->listen_fds[i];
+            continue;
+        }
+        for (size_t k = 0; k < w->nlisteners; k++) {
+            if (w->listeners[k].fd >= 0 &&
+                strcmp(w->listeners[k].cfg->address, cfg->listeners[i].address) == 0) {
+                event_del(&w->listeners[k].ev);
+                nl[i].fd = w->listeners[k].fd;
+                w->listeners[k].fd = -1;
+                break;
+            }
+        }
+    }
+    for (size_t k = 0; k < w->nlisteners; k++) {
+        if (w->listeners[k].fd < 0)
+            continue;
+        on_accept(w->listeners[k].fd, EV_READ, w); /* its queue, then it goes */
+        event_del(&w->listeners[k].ev);
+        close(w->listeners[k].fd);
+    }
+    free(w->listeners);
+    w->listeners = nl;
+    w->nlisteners = cfg->nlisteners;
+    for (size_t i = 0; i < w->nlisteners; i++) {
+        if (nl[i].fd < 0) { /* main opens every new address: cannot happen */
+            log_error("worker %d: no socket for listener %s", w->id, nl[i].cfg->address);
+            continue;
+        }
+        event_assign(&nl[i].ev, w->base, nl[i].fd, EV_READ | EV_PERSIST, on_accept, w);
+        event_add(&nl[i].ev, NULL);
+    }
+
+    struct poolset *ps = poolset_new(w, cfg), *old = w->ps;
+    poolset_adopt_idle(ps, old);
+    w->ps = ps;
+    w->cfg = cfg;
+    if (old->users == 0) {
+        poolset_free(old);
+    } else {
+        old->next = w->retired;
+        w->retired = old;
+    }
+
+    const char *op = w->log_path ? w->log_path : "off";
+    const char *np = cfg->access_log.path ? cfg->access_log.path : "-";
+    if (strcmp(op, np) != 0) {
+        char err[256];
+        if (open_access_log(w, cfg, err, sizeof(err)) < 0)
+            log_error("worker %d: %s; access log off", w->id, err);
+    }
+done:
+    free(m->listen_fds);
+    free(m);
+    __atomic_add_fetch(&w->reload_gen, 1, __ATOMIC_ACQ_REL);
+}
+
 void worker_request_drain(struct worker *w) { ctrl_send(w, 'd'); }
 void worker_request_stop(struct worker *w) { ctrl_send(w, 's'); }
 
@@ -302,13 +494,22 @@ void worker_free(struct worker *w)
 {
     if (!w)
         return;
-    for (size_t u = 0; u < w->cfg->nupstreams && w->pools; u++) {
-        for (size_t e = 0; e < w->cfg->upstreams[u].nendpoints && w->pools[u]; e++)
-            pool_close_all(&w->pools[u][e]);
-        free(w->pools[u]);
+    while (w->retired) {
+        struct poolset *ps = w->retired;
+        w->retired = ps->next;
+        poolset_free(ps);
     }
-    free(w->pools);
-    free(w->rr);
+    if (w->ps)
+        poolset_free(w->ps);
+    struct worker_reload_msg *m = __atomic_exchange_n(&w->pending, NULL, __ATOMIC_ACQ_REL);
+    if (m) {
+        for (size_t i = 0; i < m->cfg->nlisteners; i++)
+            if (m->listen_fds[i] >= 0)
+                close(m->listen_fds[i]);
+        config_unref(m->cfg);
+        free(m->listen_fds);
+        free(m);
+    }
     for (size_t i = 0; i < w->nlisteners; i++) {
         if (w->listeners[i].fd >= 0) {
             event_del(&w->listeners[i].ev);
@@ -316,11 +517,11 @@ void worker_free(struct worker *w)
         }
     }
     free(w->listeners);
-    if (w->log_fd >= 0) {
+    if (w->log_fd >= 0 && w->log_fd != STDOUT_FILENO)
+        close(w->log_fd);
+    if (w->log_ev_pending)
         event_del(&w->log_ev);
-        if (w->log_fd != STDOUT_FILENO)
-            close(w->log_fd);
-    }
+    free(w->log_path);
     buf_free(&w->log);
     event_del(&w->ctrl_ev);
     event_del(&w->tick_ev);

@@ -22,15 +22,36 @@ struct worker_listener {
     const struct config_listener *cfg;
 };
 
+/* The upstream pools of one config snapshot on one worker. A connection
+ * uses the set (and its config) of the worker at the start of its current
+ * request, so a reload never changes a request in flight; a set replaced
+ * by a reload is freed, with its config reference, once no connection
+ * uses it. */
+struct poolset {
+    struct config *cfg;           /* one reference */
+    struct pool **pools;          /* pools[upstream index][endpoint index] */
+    uint32_t *rr;                 /* round-robin position per upstream */
+    int users;                    /* connections on this set */
+    struct poolset *next;         /* the worker's retired sets */
+};
+
+/* A reload handed to a worker by the main thread (see worker_reload). */
+struct worker_reload_msg {
+    struct config *cfg;           /* one reference, now the worker's */
+    int *listen_fds;              /* per cfg listener: a new socket, or -1 to keep the old one */
+};
+
 struct worker {
     int id;
     pthread_t thread;
     struct event_base *base;
-    struct config *cfg;
+    struct config *cfg;           /* current: ps->cfg */
+    struct poolset *ps;           /* current */
+    struct poolset *retired;      /* replaced, still used by connections */
     struct worker_listener *listeners;
     size_t nlisteners;
-    struct pool **pools;          /* pools[upstream index][endpoint index] */
-    uint32_t *rr;                 /* round-robin position per upstream */
+    struct worker_reload_msg *pending; /* from main, taken by the worker */
+    unsigned reload_gen;          /* reloads applied (main waits on it) */
     struct conn *conns;           /* every open client connection */
     int nconns;
     int draining;
@@ -38,6 +59,7 @@ struct worker {
     struct event ctrl_ev, tick_ev;
     struct buf log;               /* access-log lines waiting to be written */
     int log_fd;                   /* -1 when off */
+    char *log_path;               /* what log_fd is open on ("-" for stdout) */
     struct event log_ev;          /* flushes the log shortly after the first line */
     int log_ev_pending;
     char date[40];                /* "Date: ...\r\n"-ready IMF-fixdate */
@@ -76,6 +98,16 @@ void worker_request_drain(struct worker *w);
 /* Ask it to stop at once (drain timeout passed). */
 void worker_request_stop(struct worker *w);
 void worker_free(struct worker *w);
+
+/* Hand a new config (one reference, given to the worker) and listening
+ * sockets to a running worker; it switches between requests. Returns at
+ * once; worker_reload_done tells when it has. listen_fds is copied. */
+void worker_reload(struct worker *w, struct config *cfg, const int *listen_fds);
+int worker_reload_done(struct worker *w, unsigned gen);
+
+/* A connection takes the worker's current set / gives its set back. */
+struct poolset *poolset_take(struct worker *w);
+void poolset_put(struct worker *w, struct poolset *ps);
 
 /* Client connection bookkeeping, called by conn.c. */
 void worker_conn_closed(struct worker *w);

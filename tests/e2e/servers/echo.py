@@ -20,7 +20,8 @@ Special paths:
 
 Byte k of a /big body is k % 256.
 Options: --port P (required), --idle-close-ms MS (close a keep-alive
-connection idle that long). Prints nothing.
+connection idle that long), --name NAME (answers carry "server": NAME).
+Prints nothing.
 """
 import hashlib
 import json
@@ -93,6 +94,7 @@ def describe(req, body, conn_id, conn_requests):
         "framing": req.framing,
         "trailers": req.trailers,
         "stats": stats,
+        "server": OPTS.name,
         "conn_id": conn_id,
         "conn_requests": conn_requests,
         "port": OPTS.port,
@@ -225,6 +227,7 @@ def main():
     global OPTS
     p = httpsrv.base_args("echo upstream")
     p.add_argument("--idle-close-ms", type=int, default=0)
+    p.add_argument("--name", default="echo", help="reported as \"server\" in every answer")
     OPTS = p.parse_args()
     httpsrv.serve(handle, OPTS.port)
 
