@@ -17,7 +17,7 @@ RUNTIME_PKGS=(
 FULL_PKGS=(
     "${RUNTIME_PKGS[@]}"
     clang libclang-rt-14-dev clang-format
-    python3 python3-pytest
+    python3 python3-pytest python3-prometheus-client
     redis-server curl wrk nginx-light haproxy openssl
     git procps psmisc util-linux
 )

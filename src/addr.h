@@ -17,6 +17,9 @@ void addr_format(const struct sockaddr *sa, char *out, size_t outlen);
 /* Format only the IP ("1.2.3.4", "::1"); IPv4-mapped IPv6 prints as IPv4. */
 void addr_format_ip(const struct sockaddr *sa, char *out, size_t outlen);
 
+/* 127.0.0.0/8 or ::1 (or IPv4-mapped loopback). */
+int addr_is_loopback(const struct sockaddr *sa);
+
 struct cidr {
     int family;        /* AF_INET or AF_INET6 */
     uint8_t addr[16];  /* network bytes, masked */

@@ -1,3 +1,4 @@
+#define _GNU_SOURCE /* strcasestr */
 /* Loading the configuration: parse (jansson), substitute ${VAR} and @file
  * values, validate every key while building the snapshot, then build the
  * router.
@@ -509,6 +510,38 @@ static void parse_listener(struct load *ld, json_t *obj, struct config_listener 
     l->address = xstrdup(json_string_value(a));
     if (addr_parse(l->address, &l->addr, &l->addrlen, why, sizeof(why)) < 0)
         err_key(ld, "address", "%s: %s", show(ld, a, shown, sizeof(shown)), why);
+}
+
+/* "admin": { "address": "127.0.0.1:9901", "token": "${ADMIN_TOKEN}" }.
+ * Absent: no admin listener. A non-loopback address needs a token. */
+static void parse_admin(struct load *ld, json_t *root)
+{
+    static const char *const known[] = { "address", "token", NULL };
+    struct config_admin *a = &ld->cfg->admin;
+    json_t *obj = get_typed(ld, root, "admin", JSON_OBJECT);
+    if (!obj)
+        return;
+    char why[128], shown[SHOW_BUF];
+    push_key(ld, "admin");
+    check_keys(ld, obj, known, NULL);
+    a->enabled = 1;
+    json_t *v = get_string(ld, obj, "address");
+    a->address = xstrdup(v ? json_string_value(v) : "127.0.0.1:9901");
+    if (addr_parse(a->address, &a->addr, &a->addrlen, why, sizeof(why)) < 0) {
+        if (v)
+            err_key(ld, "address", "%s: %s", show(ld, v, shown, sizeof(shown)), why);
+    }
+    v = get_string(ld, obj, "token");
+    if (v && json_string_length(v) == 0)
+        err_key(ld, "token", "must not be empty (leave it out for no token)");
+    else if (v)
+        a->token = xstrdup(json_string_value(v));
+    if (a->addrlen && !a->token && !addr_is_loopback((const struct sockaddr *)&a->addr))
+        err_key(ld, "address", "an admin listener on a non-loopback address needs \"token\"");
+    for (size_t i = 0; a->addrlen && i < ld->cfg->nlisteners; i++)
+        if (sockaddr_cmp(&ld->cfg->listeners[i].addr, &a->addr) == 0)
+            err_key(ld, "address", "the same address as listeners[%zu]", i);
+    pop(ld);
 }
 
 static void parse_listeners(struct load *ld, json_t *root)
@@ -1222,7 +1255,7 @@ static void parse_root(struct load *ld, json_t *root)
 {
     static const char *const fixed[] = {
         "workers", "log_level", "listeners", "limits", "access_log", "trusted_proxies",
-        "via", "upstreams", "routes", "filters",
+        "via", "upstreams", "routes", "filters", "admin",
     };
     size_t nfixed = sizeof(fixed) / sizeof(fixed[0]);
     const char *known[sizeof(fixed) / sizeof(fixed[0]) + 64 +
@@ -1246,11 +1279,11 @@ static void parse_root(struct load *ld, json_t *root)
         known[nk++] = module_sections[i].key; /* reported here, not again as unknown */
         known[nk] = NULL;
     }
-    static const char *const later[] = { "admin", NULL };
-    check_keys(ld, root, known, later);
+    check_keys(ld, root, known, NULL);
     parse_workers(ld, root);
     parse_log_level(ld, root);
     parse_listeners(ld, root);
+    parse_admin(ld, root);
     parse_limits(ld, root);
     parse_access_log(ld, root);
     parse_trusted_proxies(ld, root);
@@ -1421,11 +1454,14 @@ static void config_free(struct config *c)
     for (size_t i = 0; i < c->nlisteners; i++)
         free(c->listeners[i].address);
     free(c->listeners);
+    free(c->admin.address);
+    free(c->admin.token);
     free(c->trusted_proxies);
     free(c->access_log.path);
     free(c->log_level);
     free(c->file);
     json_decref(c->json);
+    json_decref(c->json_redacted);
     free(c);
 }
 
@@ -1455,6 +1491,47 @@ static char *dir_of(const char *file)
     if (!slash)
         return NULL;
     return slash == file ? xstrdup("/") : xstrndup(file, (size_t)(slash - file));
+}
+
+/* Names whose literal values are secrets even when written inline. */
+static int secret_key(const char *k)
+{
+    static const char *const words[] = { "password", "secret", "token", "private", NULL };
+    for (const char *const *w = words; *w; w++)
+        if (strcasestr(k, *w))
+            return 1;
+    return 0;
+}
+
+/* A copy of the document for the admin API's /config: a value that came
+ * from ${VAR} or @file shows its template ("${JWT_SECRET}"), and the
+ * string value of a secret-sounding key shows "<redacted>". */
+static json_t *redacted_copy(const struct load *ld, const json_t *v, int secret)
+{
+    if (json_is_object(v)) {
+        json_t *o = json_object();
+        const char *k;
+        json_t *m;
+        json_object_foreach((json_t *)v, k, m)
+            json_object_set_new(o, k, redacted_copy(ld, m, secret_key(k)));
+        return o;
+    }
+    if (json_is_array(v)) {
+        json_t *a = json_array();
+        size_t i;
+        json_t *m;
+        json_array_foreach(v, i, m)
+            json_array_append_new(a, redacted_copy(ld, m, secret));
+        return a;
+    }
+    if (json_is_string(v)) {
+        const struct subst_note *n = find_note(ld, v);
+        if (n)
+            return json_string(n->template);
+        if (secret && json_string_length(v))
+            return json_string("<redacted>");
+    }
+    return json_deep_copy(v);
 }
 
 struct config *config_load_string(const char *text, const char *file, struct config_errors *errs)
@@ -1495,6 +1572,8 @@ struct config *config_load_string(const char *text, const char *file, struct con
         emit_problems(&ld, errs);
         config_free(c);
         c = NULL;
+    } else {
+        c->json_redacted = redacted_copy(&ld, root, 0);
     }
     load_free(&ld);
     return c;

@@ -30,6 +30,14 @@ struct config_listener {
     int backlog;                   /* default 511 */
 };
 
+struct config_admin {
+    int enabled;                   /* "admin" present */
+    char *address;                 /* default 127.0.0.1:9901 */
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    char *token;                   /* bearer token, NULL = none (loopback only) */
+};
+
 struct config_limits {
     size_t max_header_bytes;       /* request line + fields; default 16384 */
     size_t max_headers;            /* default 100 */
@@ -99,6 +107,7 @@ struct config {
     char *log_level;               /* "debug", "info", "warn", "error"; default "info" */
     struct config_listener *listeners;
     size_t nlisteners;
+    struct config_admin admin;
     struct config_limits limits;
     struct config_access_log access_log;
     struct cidr *trusted_proxies;
@@ -111,7 +120,8 @@ struct config {
     struct router *router;
     struct filter_conf *filters;   /* global filters: run before every route's */
     size_t nfilters;
-    json_t *json;                  /* the substituted document (for the admin API later) */
+    json_t *json;                  /* the substituted document */
+    json_t *json_redacted;         /* the same for showing: secrets replaced (admin /config) */
     void **module_globals;         /* per portico_modules[] index: parse_global's result */
 };
 

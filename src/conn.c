@@ -2,6 +2,7 @@
  * proxied exchange (request body to the upstream, response back). The
  * state diagram is in conn.h. */
 #include "conn.h"
+#include "metrics.h"
 #include "accesslog.h"
 #include "log.h"
 #include "router.h"
@@ -10,6 +11,7 @@
 #include "worker.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <inttypes.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
@@ -124,6 +126,8 @@ void conn_accept(struct worker *w, int fd, const struct sockaddr *sa, socklen_t 
     event_assign(&c->timer, w->base, -1, 0, on_timer, c);
     event_assign(&c->resume_ev, w->base, -1, 0, on_resume, c);
     event_add(&c->ev, NULL);
+    metrics_add(&w->metrics, "portico_connections_accepted_total", 1, NULL, NULL, NULL, NULL, NULL,
+                NULL);
     c->next = w->conns;
     if (w->conns)
         w->conns->prev = c;
@@ -336,11 +340,53 @@ static void request_reset(struct conn *c)
     c->head_start_ms = 0;
 }
 
+static const char *method_class(const struct request *r)
+{
+    switch (r->head.method) {
+    case HTTP_M_GET: return "GET";
+    case HTTP_M_HEAD: return "HEAD";
+    case HTTP_M_POST: return "POST";
+    case HTTP_M_PUT: return "PUT";
+    case HTTP_M_DELETE: return "DELETE";
+    case HTTP_M_PATCH: return "PATCH";
+    case HTTP_M_OPTIONS: return "OPTIONS";
+    default: return "other";
+    }
+}
+
+static const char *status_class(int status)
+{
+    static const char *const cls[] = { "0xx", "1xx", "2xx", "3xx", "4xx", "5xx" };
+    return status >= 100 && status < 600 ? cls[status / 100] : cls[0];
+}
+
+/* Per-request series on the worker's own table (no lock, see metrics.h). */
+static void request_metrics(struct conn *c, uint64_t duration_us)
+{
+    struct request *r = &c->req;
+    struct metrics *m = &c->w->metrics;
+    const char *route = r->route ? r->route->name : "";
+    metrics_add(m, "portico_requests_total", 1, "route", route, "method",
+                r->method ? method_class(r) : "other", "code", status_class(r->status));
+    metrics_observe_us(m, "portico_request_duration_seconds", duration_us, "route", route, NULL,
+                       NULL);
+    if (r->up_start_us && r->ep && r->resp.status && r->route && r->route->upstream) {
+        const char *up = r->route->upstream->name;
+        metrics_add(m, "portico_upstream_requests_total", 1, "upstream", up, "endpoint",
+                    r->ep->address, "code", status_class(r->resp.status));
+        metrics_observe_us(m, "portico_upstream_duration_seconds",
+                           (r->up_end_us ? r->up_end_us : now_us()) - r->up_start_us, "upstream",
+                           up, NULL, NULL);
+    }
+}
+
 static void request_log(struct conn *c)
 {
     struct request *r = &c->req;
     if (r->chain_logged)
         filter_run_log(c);
+    if (r->status)
+        request_metrics(c, now_us() - r->start_us);
     if (c->w->log_fd < 0 || !r->method)
         return;
     struct accesslog_entry e = {
@@ -738,6 +784,8 @@ static int method_idempotent(enum http_method m)
            m == HTTP_M_PUT || m == HTTP_M_DELETE;
 }
 
+static void upstream_warn(struct conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
 static void start_proxy(struct conn *c)
 {
     struct request *r = &c->req;
@@ -756,7 +804,8 @@ static void start_proxy(struct conn *c)
     const struct config_limits *l = limits(c);
     c->up = upconn_get(p, c, in_cap(l) * 2, out_cap(l));
     if (!c->up) {
-        log_warn("upstream %s (%s): cannot connect: %s", up->name, p->ep->address, strerror(errno));
+        upstream_warn(c, "upstream %s (%s): cannot connect: %s", up->name, p->ep->address,
+                      strerror(errno));
         upstream_gone(c, 502, "connect");
         return;
     }
@@ -778,6 +827,34 @@ static void start_proxy(struct conn *c)
         static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
         buf_append(&c->out, cont, sizeof(cont) - 1);
     }
+}
+
+/* Upstream trouble goes to the error log at most once a second per
+ * worker: an outage must not write a line per request. The next line
+ * says how many were left out; each carries the request id if known. */
+static void upstream_warn(struct conn *c, const char *fmt, ...)
+{
+    struct worker *w = c->w;
+    if (LOG_WARN < log_min_level)
+        return;
+    uint64_t now = worker_now_ms(w);
+    if (w->warn_at_ms && now - w->warn_at_ms < 1000) {
+        w->warn_suppressed++;
+        return;
+    }
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    const char *rid = request_var(&c->req, "request_id");
+    char more[64] = "";
+    if (w->warn_suppressed)
+        snprintf(more, sizeof(more), " (and %u more upstream errors in the last %.1f s)",
+                 w->warn_suppressed, (double)(now - w->warn_at_ms) / 1000);
+    log_warn("%s%s%s%s%s", msg, rid ? " [request " : "", rid ? rid : "", rid ? "]" : "", more);
+    w->warn_at_ms = now;
+    w->warn_suppressed = 0;
 }
 
 /* The upstream exchange failed before or during the response. */
@@ -809,12 +886,18 @@ static void upstream_gone(struct conn *c, int status, const char *why)
         }
     }
     r->up_end_us = now_us();
+    const char *kind = status == 504                           ? "timeout"
+                       : strncmp(why, "connect", 7) == 0        ? "connect"
+                       : strcmp(why, "connection reset") == 0   ? "reset"
+                                                                : "protocol";
+    metrics_add(&c->w->metrics, "portico_upstream_errors_total", 1, "upstream",
+                r->route->upstream->name, "endpoint", r->ep ? r->ep->address : "", "kind", kind);
     if (!r->resp_started && c->up) {
         upconn_close(c->up);
         c->up = NULL;
     }
     if (!r->resp_started) {
-        log_warn("upstream %s (%s): %s: answering %d", r->route->upstream->name,
+        upstream_warn(c, "upstream %s (%s): %s: answering %d", r->route->upstream->name,
                  r->ep ? r->ep->address : "-", why, status);
         if (r->rb != RB_DONE && r->rb != RB_NONE)
             r->keepalive = 0;
@@ -824,7 +907,7 @@ static void upstream_gone(struct conn *c, int status, const char *why)
             buf_consume(&c->in, buf_len(&c->in));
         respond_error(c, status, NULL);
     } else {
-        log_warn("upstream %s (%s): %s after the response started: closing the client connection",
+        upstream_warn(c, "upstream %s (%s): %s after the response started: closing the client connection",
                  r->route->upstream->name, r->ep ? r->ep->address : "-", why);
         /* The upconn stays with us until the conn is freed: the bytes
          * still to be written to the client may live in its buffer. */

@@ -1,7 +1,9 @@
 /* portico: command line, config load, listening sockets, worker threads,
  * and signals. The main thread never serves requests: it waits for
  * signals and tells the workers what to do through their pipes. */
+#include "admin.h"
 #include "config.h"
+#include "metrics.h"
 #include "log.h"
 #include "modules.h"
 #include "version.h"
@@ -99,14 +101,118 @@ static int start_workers(struct config *cfg, struct worker **workers, int nw)
     return 0;
 }
 
+/* What main shares with the admin thread. cfg changes under lock on
+ * reload; the admin thread takes its own reference. */
+static struct control {
+    pthread_mutex_t lock;
+    struct config *cfg;
+    struct worker **workers;
+    int nw;
+    unsigned reload_asked, reload_done; /* admin tickets */
+    int reload_ok;
+    char reload_msg[1024];
+    int draining; /* atomic */
+} ctl = { .lock = PTHREAD_MUTEX_INITIALIZER };
+
+static struct config *ctl_config_get(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&ctl.lock);
+    struct config *c = config_ref(ctl.cfg);
+    pthread_mutex_unlock(&ctl.lock);
+    return c;
+}
+
+static unsigned ctl_reload_start(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&ctl.lock);
+    unsigned t = ++ctl.reload_asked;
+    pthread_mutex_unlock(&ctl.lock);
+    kill(getpid(), SIGHUP); /* main runs it, as for an operator's SIGHUP */
+    return t;
+}
+
+static int ctl_reload_result(void *arg, unsigned ticket, char *msg, size_t msglen)
+{
+    (void)arg;
+    pthread_mutex_lock(&ctl.lock);
+    int rc = ctl.reload_done >= ticket ? (ctl.reload_ok ? 1 : -1) : 0;
+    if (rc < 0)
+        snprintf(msg, msglen, "%s", ctl.reload_msg);
+    pthread_mutex_unlock(&ctl.lock);
+    return rc;
+}
+
+static int ctl_draining(void *arg)
+{
+    (void)arg;
+    return __atomic_load_n(&ctl.draining, __ATOMIC_ACQUIRE);
+}
+
+static void ctl_gauges(void *arg, char **b, size_t *len, size_t *cap)
+{
+    (void)arg;
+    long active = 0;
+    int nw = __atomic_load_n(&ctl.nw, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < nw; i++)
+        active += __atomic_load_n(&ctl.workers[i]->nconns, __ATOMIC_RELAXED);
+    metrics_printf(b, len, cap,
+                   "# HELP portico_connections_active Client connections open now.\n"
+                   "# TYPE portico_connections_active gauge\n"
+                   "portico_connections_active %ld\n",
+                   active);
+    metrics_printf(b, len, cap,
+                   "# HELP portico_config_reloads_total Configuration reloads, by result.\n"
+                   "# TYPE portico_config_reloads_total counter\n"
+                   "portico_config_reloads_total{result=\"ok\"} %llu\n"
+                   "portico_config_reloads_total{result=\"failed\"} %llu\n",
+                   (unsigned long long)__atomic_load_n(&metrics_globals.reloads_ok, __ATOMIC_RELAXED),
+                   (unsigned long long)__atomic_load_n(&metrics_globals.reloads_failed,
+                                                       __ATOMIC_RELAXED));
+    metrics_printf(b, len, cap,
+                   "# HELP portico_draining 1 once SIGTERM started the drain.\n"
+                   "# TYPE portico_draining gauge\n"
+                   "portico_draining %d\n",
+                   ctl_draining(NULL));
+    metrics_printf(b, len, cap,
+                   "# HELP portico_workers Worker threads.\n"
+                   "# TYPE portico_workers gauge\n"
+                   "portico_workers %d\n",
+                   nw);
+    metrics_printf(b, len, cap,
+                   "# HELP portico_build_info Version and modules built in.\n"
+                   "# TYPE portico_build_info gauge\n"
+                   "portico_build_info{version=\"%s\",modules=\"",
+                   PACKAGE_VERSION);
+    for (size_t i = 0; portico_modules[i]; i++)
+        metrics_printf(b, len, cap, "%s%s", i ? "," : "", portico_modules[i]->name);
+    metrics_printf(b, len, cap, "\"} 1\n");
+}
+
+static const struct admin_env admin_env = {
+    .config_get = ctl_config_get,
+    .reload_start = ctl_reload_start,
+    .reload_result = ctl_reload_result,
+    .gauges = ctl_gauges,
+    .draining = ctl_draining,
+};
+
+static int same_admin(const struct config *a, const struct config *b)
+{
+    if (a->admin.enabled != b->admin.enabled)
+        return 0;
+    return !a->admin.enabled || strcmp(a->admin.address, b->admin.address) == 0;
+}
+
 /* SIGHUP: load the file again; when it is valid, every worker switches to
  * it between requests (in-flight requests finish on the old one) and the
  * listeners follow it: kept addresses keep their sockets, new ones are
  * opened here (a busy port fails the reload), removed ones close. An
  * invalid file, or a listener that cannot open, changes nothing.
  * Returns 0, or -1 with the first problem in msg. */
-static int reload(const char *file, struct config **cur, struct worker **workers, int nw,
-                  unsigned *gen, char *msg, size_t msglen)
+static int reload_config(const char *file, struct config **cur, struct worker **workers, int nw,
+                         unsigned *gen, char *msg, size_t msglen)
 {
     struct config_errors errs = { 0 };
     struct config *nc = config_load(file, &errs);
@@ -161,8 +267,11 @@ static int reload(const char *file, struct config **cur, struct worker **workers
         worker_reload(workers[i], config_ref(nc), &fds[(size_t)i * nl]);
     free(fds);
     /* The old snapshot lives on in the workers' connections that use it. */
+    pthread_mutex_lock(&ctl.lock);
     config_unref(*cur);
     *cur = nc;
+    ctl.cfg = nc;
+    pthread_mutex_unlock(&ctl.lock);
     int lvl = log_level_parse(nc->log_level ? nc->log_level : "info");
     log_min_level = lvl < 0 ? LOG_INFO : lvl;
     for (int i = 0; i < nw; i++)
@@ -170,6 +279,37 @@ static int reload(const char *file, struct config **cur, struct worker **workers
             usleep(2000);
     log_info("reloaded %s", file);
     return 0;
+}
+
+/* A reload, its counters, and the answer for the admin tickets it covers;
+ * the admin listener follows a changed address. */
+static void reload(const char *file, struct config **cur, struct worker **workers, int nw,
+                   unsigned *gen, struct admin **admin)
+{
+    pthread_mutex_lock(&ctl.lock);
+    unsigned upto = ctl.reload_asked;
+    pthread_mutex_unlock(&ctl.lock);
+    char msg[1024] = "";
+    struct config *before = config_ref(*cur);
+    int rc = reload_config(file, cur, workers, nw, gen, msg, sizeof(msg));
+    __atomic_add_fetch(rc == 0 ? &metrics_globals.reloads_ok : &metrics_globals.reloads_failed, 1,
+                       __ATOMIC_RELAXED);
+    if (rc == 0 && !same_admin(before, *cur)) {
+        admin_stop(*admin);
+        *admin = NULL;
+        char err[256];
+        if ((*cur)->admin.enabled &&
+            !(*admin = admin_start(*cur, &admin_env, err, sizeof(err))))
+            log_error("reload: %s; the admin listener is off", err);
+        else if (*admin)
+            log_info("admin listener on %s", (*cur)->admin.address);
+    }
+    config_unref(before);
+    pthread_mutex_lock(&ctl.lock);
+    ctl.reload_done = upto;
+    ctl.reload_ok = rc == 0;
+    snprintf(ctl.reload_msg, sizeof(ctl.reload_msg), "%s", msg);
+    pthread_mutex_unlock(&ctl.lock);
 }
 
 int main(int argc, char **argv)
@@ -218,6 +358,7 @@ int main(int argc, char **argv)
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGHUP);
+    sigaddset(&set, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
 
@@ -230,13 +371,31 @@ int main(int argc, char **argv)
 
     int nw = cfg->workers;
     struct worker **workers = xcalloc((size_t)nw, sizeof(*workers));
+    ctl.cfg = cfg;
+    ctl.workers = workers;
+    /* The admin port first: when it is busy, nothing else has started. */
+    struct admin *admin = NULL;
+    if (cfg->admin.enabled) {
+        char aerr[256];
+        admin = admin_start(cfg, &admin_env, aerr, sizeof(aerr));
+        if (!admin) {
+            fprintf(stderr, "portico: %s\n", aerr);
+            free(workers);
+            config_unref(cfg);
+            return 1;
+        }
+    }
     if (start_workers(cfg, workers, nw) < 0) {
+        admin_stop(admin);
         for (int i = 0; i < nw; i++)
             worker_free(workers[i]);
         free(workers);
         config_unref(cfg);
         return 1;
     }
+    __atomic_store_n(&ctl.nw, nw, __ATOMIC_RELEASE); /* the admin's gauges may read them now */
+    if (admin)
+        log_info("admin listener on %s", cfg->admin.address);
     for (size_t l = 0; l < cfg->nlisteners; l++)
         log_info("listening on %s", cfg->listeners[l].address);
     log_info("portico %s started: %d worker%s, config %s", PACKAGE_VERSION, nw, nw == 1 ? "" : "s",
@@ -256,6 +415,7 @@ int main(int argc, char **argv)
             log_info("%s: draining (up to %d ms)", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                      cfg->limits.drain_timeout_ms);
             draining = 1;
+            __atomic_store_n(&ctl.draining, 1, __ATOMIC_RELEASE);
             clock_gettime(CLOCK_MONOTONIC, &deadline);
             deadline.tv_sec += cfg->limits.drain_timeout_ms / 1000;
             deadline.tv_nsec += (long)(cfg->limits.drain_timeout_ms % 1000) * 1000000L;
@@ -269,9 +429,12 @@ int main(int argc, char **argv)
             if (draining) {
                 log_warn("SIGHUP while draining: ignored");
             } else {
-                char msg[1024];
-                reload(file, &cfg, workers, nw, &reload_gen, msg, sizeof(msg));
+                reload(file, &cfg, workers, nw, &reload_gen, &admin);
             }
+        } else if (sig == SIGUSR1) {
+            log_info("SIGUSR1: reopening the access log");
+            for (int i = 0; i < nw; i++)
+                worker_reopen_log(workers[i]);
         }
         if (draining) {
             int done = 1;
@@ -288,6 +451,7 @@ int main(int argc, char **argv)
             }
         }
     }
+    admin_stop(admin);
     for (int i = 0; i < nw; i++)
         worker_request_stop(workers[i]);
     for (int i = 0; i < nw; i++) {

@@ -180,6 +180,10 @@ static void on_ctrl(evutil_socket_t fd, short what, void *arg)
             event_base_loopbreak(w->base);
         } else if (cmd[i] == 'r') {
             reload_apply(w);
+        } else if (cmd[i] == 'o') {
+            char err[256];
+            if (open_access_log(w, w->cfg, err, sizeof(err)) < 0)
+                log_error("worker %d: %s; access log off", w->id, err);
         }
     }
 }
@@ -305,6 +309,8 @@ struct worker *worker_new(int id, struct config *cfg, const int *listen_fds, cha
         event_assign(&w->listeners[i].ev, w->base, listen_fds[i], EV_READ | EV_PERSIST, on_accept, w);
         event_add(&w->listeners[i].ev, NULL);
     }
+    metrics_init(&w->metrics, 0);
+    metrics_register(&w->metrics);
     w->ps = poolset_new(w, config_ref(cfg));
     event_assign(&w->ctrl_ev, w->base, w->ctrl_fd[0], EV_READ | EV_PERSIST, on_ctrl, w);
     event_add(&w->ctrl_ev, NULL);
@@ -361,6 +367,7 @@ static int open_access_log(struct worker *w, const struct config *cfg, char *err
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
+    metrics_set_thread(&w->metrics);
     event_base_dispatch(w->base);
     /* Whatever is still open (drain timeout) is closed now. */
     while (w->conns)
@@ -488,6 +495,7 @@ done:
 }
 
 void worker_request_drain(struct worker *w) { ctrl_send(w, 'd'); }
+void worker_reopen_log(struct worker *w) { ctrl_send(w, 'o'); }
 void worker_request_stop(struct worker *w) { ctrl_send(w, 's'); }
 
 void worker_free(struct worker *w)
@@ -528,6 +536,8 @@ void worker_free(struct worker *w)
     close(w->ctrl_fd[0]);
     close(w->ctrl_fd[1]);
     event_base_free(w->base);
+    metrics_unregister(&w->metrics);
+    metrics_free(&w->metrics);
     free(w);
     buf_cache_flush(); /* what the pools and the log gave back on this thread */
 }

@@ -12,6 +12,7 @@
 #include <time.h>
 #include "buf.h"
 #include "config.h"
+#include "metrics.h"
 
 struct conn;
 struct pool;
@@ -65,6 +66,9 @@ struct worker {
     char date[40];                /* "Date: ...\r\n"-ready IMF-fixdate */
     time_t date_sec;
     volatile int done;            /* set when the loop has exited */
+    struct metrics metrics;       /* this worker's series (metrics.h) */
+    uint64_t warn_at_ms;          /* last upstream warning (one per second) */
+    unsigned warn_suppressed;
 };
 
 static inline struct event_base *worker_base(struct worker *w) { return w->base; }
@@ -95,6 +99,8 @@ int worker_start(struct worker *w);
 /* Ask a worker (from another thread) to drain: stop accepting, finish
  * in-flight requests, then leave its loop. */
 void worker_request_drain(struct worker *w);
+/* Reopen the access log file (SIGUSR1, after logrotate moved it). */
+void worker_reopen_log(struct worker *w);
 /* Ask it to stop at once (drain timeout passed). */
 void worker_request_stop(struct worker *w);
 void worker_free(struct worker *w);

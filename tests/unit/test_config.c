@@ -280,10 +280,37 @@ static void test_unknown_keys(void)
                  "[\"a b\\u000a\"]: unknown key");
 }
 
+static void test_admin(void)
+{
+    struct config_errors e;
+    struct config *c = load("{" LISTEN ", 'admin': {}, 'routes': [" RESPOND_ROUTE "]}", &e);
+    CHECK(c && c->admin.enabled && strcmp(c->admin.address, "127.0.0.1:9901") == 0 && !c->admin.token);
+    config_unref(c);
+    c = load("{" LISTEN ", 'routes': [" RESPOND_ROUTE "]}", &e);
+    CHECK(c && !c->admin.enabled);
+    config_unref(c);
+    EXPECT_ERROR("{" LISTEN ", 'admin': {'address': '0.0.0.0:9901'}, 'routes': [" RESPOND_ROUTE "]}",
+                 "admin.address: an admin listener on a non-loopback address needs \"token\"");
+    EXPECT_ERROR("{" LISTEN ", 'admin': {'address': '*:9901'}, 'routes': [" RESPOND_ROUTE "]}",
+                 "needs \"token\"");
+    EXPECT_ERROR("{" LISTEN ", 'admin': {'address': 'localhost:9901'}, 'routes': [" RESPOND_ROUTE "]}",
+                 "admin.address:");
+    EXPECT_ERROR("{" LISTEN ", 'admin': {'token': ''}, 'routes': [" RESPOND_ROUTE "]}",
+                 "admin.token: must not be empty");
+    EXPECT_ERROR("{" LISTEN ", 'admin': {'address': '127.0.0.1:8080'}, 'routes': [" RESPOND_ROUTE "]}",
+                 "admin.address: the same address as listeners[0]");
+    c = load("{" LISTEN ", 'admin': {'address': '0.0.0.0:9901', 'token': 's3cret'},"
+             " 'routes': [" RESPOND_ROUTE "]}", &e);
+    CHECK(c && strcmp(c->admin.token, "s3cret") == 0);
+    /* /config shows no secret */
+    char *shown = c ? json_dumps(c->json_redacted, 0) : NULL;
+    CHECK(shown && !strstr(shown, "s3cret") && strstr(shown, "<redacted>"));
+    free(shown);
+    config_unref(c);
+}
+
 static void test_not_yet(void)
 {
-    EXPECT_ERROR("{" LISTEN ", 'admin': {'address': '127.0.0.1:9901'}, 'routes': [" RESPOND_ROUTE "]}",
-                 "admin: not supported by this build yet");
     /* Sections owned by modules: refused by name when the module is not
      * built in (the modules' own tests cover them when it is). */
     if (!modules_find("rate_limit"))
@@ -507,11 +534,11 @@ static void test_lines(void)
 static void test_many_errors(void)
 {
     struct config_errors e;
-    struct config *c = load("{'workers': -1, 'admin': {}, 'listeners': [{'address': 'x'}],"
+    struct config *c = load("{'workers': -1, 'admin': {'tokn': 1}, 'listeners': [{'address': 'x'}],"
                             " 'routes': [{'path': 'a'}, {'path': '/', 'upstream': 'none'}]}", &e);
     CHECK(c == NULL);
     CHECK(has_msg(&e, "workers: must be from 0 to 256, got -1"));
-    CHECK(has_msg(&e, "admin: not supported by this build yet"));
+    CHECK(has_msg(&e, "admin.tokn: unknown key"));
     CHECK(has_msg(&e, "listeners[0].address:"));
     CHECK(has_msg(&e, "routes[0].path: must start with '/'"));
     CHECK(has_msg(&e, "routes[0]: needs either"));
@@ -942,6 +969,7 @@ int main(void)
     test_workers_auto();
     test_unknown_keys();
     test_not_yet();
+    test_admin();
     test_types_and_ranges();
     test_addresses();
     test_routes();
