@@ -1,5 +1,5 @@
-/* Access log: one JSON object per request, one line each. The query
- * string is never logged: it may carry tokens. */
+/* Access log: one JSON object per request, one line each, or a text line
+ * from a template. The query string is never logged: it may carry tokens. */
 #ifndef PORTICO_ACCESSLOG_H
 #define PORTICO_ACCESSLOG_H
 
@@ -31,5 +31,14 @@ struct accesslog_entry {
 /* Format e as a JSON line (with the trailing newline) into out; long
  * fields are cut so the line always fits. Returns the length. */
 size_t accesslog_format(const struct accesslog_entry *e, char *out, size_t cap);
+
+/* The same as a text line from a template: "%{name}" is replaced by a
+ * field (time, client, method, host, path, status, bytes_in, bytes_out,
+ * duration_ms, upstream_ms, route, upstream) or a filter's field
+ * (request_id, ...), "-" when absent; values are escaped (\xHH). */
+size_t accesslog_format_text(const struct accesslog_entry *e, const char *tmpl, char *out,
+                             size_t cap);
+/* 0 if the template is well formed, else -1 with a reason. */
+int accesslog_template_check(const char *tmpl, char *err, size_t errlen);
 
 #endif

@@ -15,6 +15,7 @@
  * Values that came from substitution may be secrets: a message quotes them
  * only as the template written in the file, never as their value. */
 #include "config.h"
+#include "accesslog.h"
 #include "config_internal.h"
 
 #include <errno.h>
@@ -625,12 +626,26 @@ static void parse_limits(struct load *ld, json_t *root)
     json_decref(empty);
 }
 
+/* A sampling rate: a number in (0, 1]; absent leaves *out as it is. */
+static void get_sample(struct load *ld, json_t *obj, const char *key, double *out)
+{
+    json_t *v = json_object_get(obj, key);
+    if (!v)
+        return;
+    if (!json_is_number(v) || json_number_value(v) <= 0 || json_number_value(v) > 1) {
+        err_key(ld, key, "must be a number above 0 and at most 1 (the share of requests logged)");
+        return;
+    }
+    *out = json_number_value(v);
+}
+
 static void parse_access_log(struct load *ld, json_t *root)
 {
-    static const char *const known[] = { "path", "format", NULL };
-    char shown[SHOW_BUF];
+    static const char *const known[] = { "path", "format", "template", "sample", NULL };
+    char shown[SHOW_BUF], why[128];
     json_t *obj = get_typed(ld, root, "access_log", JSON_OBJECT);
     const char *path = "-";
+    ld->cfg->access_log.sample = 1.0;
     if (obj) {
         push_key(ld, "access_log");
         check_keys(ld, obj, known, no_keys);
@@ -640,8 +655,22 @@ static void parse_access_log(struct load *ld, json_t *root)
         else if (p)
             path = json_string_value(p);
         json_t *f = get_string(ld, obj, "format");
-        if (f && strcmp(json_string_value(f), "json") != 0)
-            err_key(ld, "format", "%s is not supported (only \"json\")", show(ld, f, shown, sizeof(shown)));
+        if (f && strcmp(json_string_value(f), "text") == 0)
+            ld->cfg->access_log.text = 1;
+        else if (f && strcmp(json_string_value(f), "json") != 0)
+            err_key(ld, "format", "%s: must be \"json\" or \"text\"", show(ld, f, shown, sizeof(shown)));
+        json_t *t = get_string(ld, obj, "template");
+        if (t && !ld->cfg->access_log.text)
+            err_key(ld, "template", "only with \"format\": \"text\"");
+        else if (t && accesslog_template_check(json_string_value(t), why, sizeof(why)) < 0)
+            err_key(ld, "template", "%s", why);
+        else if (t && has_ctl(json_string_value(t)))
+            err_key(ld, "template", "must not contain control characters");
+        else if (t)
+            ld->cfg->access_log.template = xstrdup(json_string_value(t));
+        if (ld->cfg->access_log.text && !ld->cfg->access_log.template)
+            ld->cfg->access_log.template = xstrdup(ACCESSLOG_TEXT_DEFAULT);
+        get_sample(ld, obj, "sample", &ld->cfg->access_log.sample);
         pop(ld);
     }
     if (strcmp(path, "-") == 0 || strcmp(path, "off") == 0)
@@ -1127,7 +1156,7 @@ static struct config_route *parse_route(struct load *ld, json_t *obj, size_t i)
 {
     static const char *const known[] = {
         "name", "host", "path", "exact", "methods", "upstream", "respond",
-        "strip_prefix", "prefix_rewrite", "filters", NULL,
+        "strip_prefix", "prefix_rewrite", "filters", "log_sample", NULL,
     };
     static const char *const later[] = { "websocket", NULL };
     struct config_route *r = xcalloc(1, sizeof(*r));
@@ -1146,6 +1175,8 @@ static struct config_route *parse_route(struct load *ld, json_t *obj, size_t i)
     parse_methods(ld, obj, r);
     parse_target(ld, obj, r);
     parse_filters(ld, obj, &r->filters, &r->nfilters);
+    r->log_sample = -1; /* the access_log's */
+    get_sample(ld, obj, "log_sample", &r->log_sample);
     return r;
 }
 
@@ -1458,6 +1489,7 @@ static void config_free(struct config *c)
     free(c->admin.token);
     free(c->trusted_proxies);
     free(c->access_log.path);
+    free(c->access_log.template);
     free(c->log_level);
     free(c->file);
     json_decref(c->json);

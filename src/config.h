@@ -94,10 +94,18 @@ struct config_route {
     char *respond_content_type;    /* default "text/plain; charset=utf-8" */
     struct filter_conf *filters;   /* the route's own filters, in order */
     size_t nfilters;
+    double log_sample;             /* "log_sample"; -1 = access_log.sample */
 };
+
+#define ACCESSLOG_TEXT_DEFAULT                                                                    \
+    "%{time} %{client} \"%{method} %{host}%{path}\" %{status} %{bytes_out} %{duration_ms}ms "    \
+    "route=%{route} upstream=%{upstream} request_id=%{request_id}"
 
 struct config_access_log {
     char *path;                    /* file path, "-" (stdout) or "off"; default "-" */
+    int text;                      /* "format": "text" */
+    char *template;                /* the text line; ACCESSLOG_TEXT_DEFAULT by default */
+    double sample;                 /* share of 1xx-3xx answers logged; default 1 */
 };
 
 struct config {

@@ -389,6 +389,12 @@ static void request_log(struct conn *c)
         request_metrics(c, now_us() - r->start_us);
     if (c->w->log_fd < 0 || !r->method)
         return;
+    /* Sampling spares the log the bulk of successful answers; errors are
+     * always written. */
+    const struct config_access_log *al = &c->ps->cfg->access_log;
+    double rate = r->route && r->route->log_sample > 0 ? r->route->log_sample : al->sample;
+    if (rate < 1.0 && r->status < 400 && worker_random(c->w) >= rate)
+        return;
     struct accesslog_entry e = {
         .fields = r->log_fields,
         .client = c->peer_ip,
@@ -406,7 +412,8 @@ static void request_log(struct conn *c)
         .endpoint = r->ep ? r->ep->address : NULL,
     };
     char line[12288]; /* fits the longest entry accesslog_format can make */
-    size_t n = accesslog_format(&e, line, sizeof(line));
+    size_t n = al->text ? accesslog_format_text(&e, al->template, line, sizeof(line))
+                        : accesslog_format(&e, line, sizeof(line));
     worker_log_line(c->w, line, n);
 }
 

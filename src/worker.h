@@ -68,6 +68,7 @@ struct worker {
     volatile int done;            /* set when the loop has exited */
     struct metrics metrics;       /* this worker's series (metrics.h) */
     uint64_t warn_at_ms;          /* last upstream warning (one per second) */
+    uint64_t rng;                 /* xorshift state: log sampling */
     unsigned warn_suppressed;
 };
 
@@ -87,6 +88,18 @@ static inline uint64_t now_us(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+}
+
+/* A uniform number in [0, 1) from the worker's own generator (not for
+ * anything secret). */
+static inline double worker_random(struct worker *w)
+{
+    uint64_t x = w->rng ? w->rng : 0x9e3779b97f4a7c15ULL ^ (uint64_t)(uintptr_t)w;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    w->rng = x;
+    return (double)(x >> 11) / 9007199254740992.0;
 }
 
 /* The current IMF-fixdate, e.g. "Thu, 26 Nov 2026 07:07:06 GMT". */

@@ -373,7 +373,7 @@ static void test_types_and_ranges(void)
     EXPECT_ERROR("{'via': 1, " LISTEN ", 'routes': [" RESPOND_ROUTE "]}",
                  "via: expected true or false, got integer");
     EXPECT_ERROR("{" LISTEN ", 'access_log': {'format': 'combined'}, 'routes': [" RESPOND_ROUTE "]}",
-                 "access_log.format: \"combined\" is not supported (only \"json\")");
+                 "access_log.format: \"combined\": must be \"json\" or \"text\"");
     EXPECT_ERROR("{'listeners': [{'address': '127.0.0.1:1', 'backlog': 0}], 'routes': [" RESPOND_ROUTE "]}",
                  "listeners[0].backlog: must be from 1 to 65535, got 0");
     EXPECT_ERROR("[1, 2]", "the configuration must be a JSON object, got array");
