@@ -30,7 +30,10 @@ struct admin {
     int stop_fd[2];
     struct event *stop_ev;
     pthread_t thread;
+    int fd; /* the listening socket (evhttp owns it) */
 };
+
+int admin_fd(const struct admin *a) { return a ? a->fd : -1; }
 
 /* A POST /reload waiting for main to run it. */
 struct pending_reload {
@@ -233,24 +236,28 @@ static void *admin_main(void *arg)
     return NULL;
 }
 
-struct admin *admin_start(const struct config *cfg, const struct admin_env *env, char *err,
-                          size_t errlen)
+struct admin *admin_start(const struct config *cfg, const struct admin_env *env, int inherited_fd,
+                          char *err, size_t errlen)
 {
     const struct config_admin *ac = &cfg->admin;
-    int fd = socket(ac->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int fd = inherited_fd;
     int one = 1;
     if (fd < 0) {
-        snprintf(err, errlen, "admin %s: socket: %s", ac->address, strerror(errno));
-        return NULL;
-    }
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(fd, (const struct sockaddr *)&ac->addr, ac->addrlen) < 0 || listen(fd, 64) < 0) {
-        snprintf(err, errlen, "admin %s: %s", ac->address, strerror(errno));
-        close(fd);
-        return NULL;
+        fd = socket(ac->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            snprintf(err, errlen, "admin %s: socket: %s", ac->address, strerror(errno));
+            return NULL;
+        }
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (bind(fd, (const struct sockaddr *)&ac->addr, ac->addrlen) < 0 || listen(fd, 64) < 0) {
+            snprintf(err, errlen, "admin %s: %s", ac->address, strerror(errno));
+            close(fd);
+            return NULL;
+        }
     }
     struct admin *a = xcalloc(1, sizeof(*a));
     a->env = *env;
+    a->fd = fd;
     a->base = event_base_new();
     a->http = a->base ? evhttp_new(a->base) : NULL;
     if (!a->http || pipe2(a->stop_fd, O_CLOEXEC | O_NONBLOCK) < 0) {

@@ -34,10 +34,13 @@ struct admin_env {
     void *arg;
 };
 
-/* Bind the admin address of cfg and start the thread. Returns NULL with a
- * message in err (the address is busy, ...). */
-struct admin *admin_start(const struct config *cfg, const struct admin_env *env, char *err,
-                          size_t errlen);
+/* Bind the admin address of cfg (or use inherited_fd, a socket already
+ * listening there, from a binary upgrade; -1 for none) and start the
+ * thread. Returns NULL with a message in err (the address is busy, ...). */
+struct admin *admin_start(const struct config *cfg, const struct admin_env *env, int inherited_fd,
+                          char *err, size_t errlen);
+/* Its listening socket (for a binary upgrade), or -1. */
+int admin_fd(const struct admin *a);
 void admin_stop(struct admin *a);
 
 #endif

@@ -592,7 +592,7 @@ static void parse_limits(struct load *ld, json_t *root)
     static const char *const known[] = {
         "max_header_bytes", "max_headers", "max_uri_bytes", "max_body_bytes",
         "header_timeout_ms", "body_timeout_ms", "body_min_rate", "idle_timeout_ms",
-        "send_timeout_ms", "max_connections", "drain_timeout_ms", NULL,
+        "send_timeout_ms", "max_connections", "drain_timeout_ms", "drain_idle_ms", NULL,
     };
     struct config_limits *l = &ld->cfg->limits;
     long long v;
@@ -622,6 +622,7 @@ static void parse_limits(struct load *ld, json_t *root)
     get_timeout(ld, obj, "idle_timeout_ms", 60000, &l->idle_timeout_ms);
     get_timeout(ld, obj, "send_timeout_ms", 60000, &l->send_timeout_ms);
     get_timeout(ld, obj, "drain_timeout_ms", 30000, &l->drain_timeout_ms);
+    get_timeout(ld, obj, "drain_idle_ms", 1000, &l->drain_idle_ms);
     pop(ld);
     json_decref(empty);
 }

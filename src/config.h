@@ -50,6 +50,7 @@ struct config_limits {
     int send_timeout_ms;           /* client not reading our response; default 60000 */
     int max_connections;           /* whole process; default 10000 */
     int drain_timeout_ms;          /* on SIGTERM; default 30000 */
+    int drain_idle_ms;             /* idle keep-alive grace while draining; default 1000 */
 };
 
 struct config_endpoint {

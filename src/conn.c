@@ -431,7 +431,10 @@ static void request_finish(struct conn *c)
         c->up = NULL;
     }
     request_log(c);
-    int keep = r->keepalive && !c->close_after && !worker_draining(c->w);
+    /* Not "&& !draining": an answer that went out without "Connection:
+     * close" promised the client this connection; while draining it gets
+     * limits.drain_idle_ms to send another request (answered with close). */
+    int keep = r->keepalive && !c->close_after;
     request_reset(c);
     if (keep) {
         c->state = CS_HEAD;
@@ -733,9 +736,9 @@ static int handle_head(struct conn *c)
     if (buf_len(&c->out) > OUT_HIGH_WATER || c->sp_len)
         return 0; /* earlier answers still leaving: back-pressure on pipelining */
     if (buf_len(&c->in) == 0) {
+        /* Draining does not close an idle connection here: its next
+         * request may be on the way (see conn_drain, idle_limit). */
         if (c->eof)
-            c->dead = 1;
-        if (worker_draining(c->w))
             c->dead = 1;
         return c->dead;
     }
@@ -1486,6 +1489,16 @@ static int linger_step(struct conn *c)
 
 /* ---- timeouts ----------------------------------------------------------- */
 
+/* Keep-alive idle time allowed; shorter while draining (see conn_drain). */
+static uint64_t idle_limit(const struct conn *c)
+{
+    const struct config_limits *l = limits(c);
+    uint64_t idle = (uint64_t)l->idle_timeout_ms;
+    if (worker_draining(c->w) && (uint64_t)l->drain_idle_ms < idle)
+        idle = (uint64_t)l->drain_idle_ms;
+    return idle;
+}
+
 static uint64_t min_nz(uint64_t a, uint64_t b) { return !a ? b : !b ? a : a < b ? a : b; }
 
 static uint64_t body_deadline(const struct conn *c)
@@ -1531,7 +1544,7 @@ static uint64_t conn_deadline(const struct conn *c)
         if (c->head_start_ms)
             d = min_nz(d, c->head_start_ms + (uint64_t)l->header_timeout_ms);
         else
-            d = min_nz(d, c->idle_since_ms + (uint64_t)l->idle_timeout_ms);
+            d = min_nz(d, c->idle_since_ms + idle_limit(c));
         break;
     case CS_REQUEST:
         d = min_nz(d, body_deadline(c));
@@ -1566,7 +1579,7 @@ static int conn_timeouts(struct conn *c, uint64_t now)
             respond_error(c, 408, NULL);
             return 1;
         }
-        if (!c->head_start_ms && now >= c->idle_since_ms + (uint64_t)l->idle_timeout_ms) {
+        if (!c->head_start_ms && now >= c->idle_since_ms + idle_limit(c)) {
             c->dead = 1;
             return 1;
         }
@@ -1678,12 +1691,18 @@ static void conn_pump(struct conn *c)
     conn_arm_timer(c);
 }
 
+/* Draining. An idle keep-alive connection is not closed at once: a
+ * client may be sending its next request right now, and a close would
+ * fail it. It gets limits.drain_idle_ms more (its next answer says
+ * "Connection: close"); one idle longer than that closes now. */
 void conn_drain(struct conn *c)
 {
     if (c->state == CS_HEAD && !c->head_start_ms && buf_len(&c->in) == 0) {
-        c->dead = 1;
+        if (worker_now_ms(c->w) >= c->idle_since_ms + idle_limit(c))
+            c->dead = 1;
         conn_pump(c);
-    } else {
+    } else if (!c->req.resp_started) {
+        /* An answer already on its way keeps what its head promised. */
         c->req.keepalive = 0;
     }
 }

@@ -4,6 +4,7 @@
 #include "admin.h"
 #include "config.h"
 #include "metrics.h"
+#include "upgrade.h"
 #include "log.h"
 #include "modules.h"
 #include "version.h"
@@ -17,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #ifndef SYSCONFDIR
@@ -70,7 +72,9 @@ static int start_workers(struct config *cfg, struct worker **workers, int nw)
     int *fds = xcalloc(cfg->nlisteners ? cfg->nlisteners : 1, sizeof(int));
     for (int i = 0; i < nw; i++) {
         for (size_t l = 0; l < cfg->nlisteners; l++) {
-            fds[l] = worker_listen_socket(&cfg->listeners[l], err, sizeof(err));
+            fds[l] = upgrade_take_fd(cfg->listeners[l].address, &cfg->listeners[l].addr);
+            if (fds[l] < 0)
+                fds[l] = worker_listen_socket(&cfg->listeners[l], err, sizeof(err));
             if (fds[l] < 0) {
                 fprintf(stderr, "portico: %s\n", err);
                 while (l-- > 0)
@@ -299,7 +303,7 @@ static void reload(const char *file, struct config **cur, struct worker **worker
         *admin = NULL;
         char err[256];
         if ((*cur)->admin.enabled &&
-            !(*admin = admin_start(*cur, &admin_env, err, sizeof(err))))
+            !(*admin = admin_start(*cur, &admin_env, -1, err, sizeof(err))))
             log_error("reload: %s; the admin listener is off", err);
         else if (*admin)
             log_info("admin listener on %s", (*cur)->admin.address);
@@ -312,8 +316,48 @@ static void reload(const char *file, struct config **cur, struct worker **worker
     pthread_mutex_unlock(&ctl.lock);
 }
 
+static char exe_path[4096];
+static char **saved_argv;
+
+/* SIGUSR2: start the executable again with our listening sockets (see
+ * upgrade.h). Returns the new process's pid, or 0. */
+static pid_t binary_upgrade(const struct config *cfg, struct worker **workers, int nw,
+                            const struct admin *admin)
+{
+    if (!exe_path[0]) {
+        log_error("binary upgrade: the executable's path is unknown");
+        return 0;
+    }
+    size_t n = 0, cap = cfg->nlisteners * (size_t)nw + 1;
+    struct upgrade_socket *socks = xcalloc(cap, sizeof(*socks));
+    for (size_t l = 0; l < cfg->nlisteners; l++)
+        for (int i = 0; i < nw; i++)
+            for (size_t k = 0; k < workers[i]->nlisteners; k++)
+                if (workers[i]->listeners[k].fd >= 0 &&
+                    strcmp(workers[i]->listeners[k].cfg->address, cfg->listeners[l].address) == 0)
+                    socks[n++] = (struct upgrade_socket){ cfg->listeners[l].address,
+                                                          workers[i]->listeners[k].fd };
+    if (admin_fd(admin) >= 0)
+        socks[n++] = (struct upgrade_socket){ cfg->admin.address, admin_fd(admin) };
+    char err[256];
+    pid_t pid = upgrade_spawn(exe_path, saved_argv, socks, n, err, sizeof(err));
+    free(socks);
+    if (pid < 0) {
+        log_error("binary upgrade: %s", err);
+        return 0;
+    }
+    log_info("binary upgrade: started %s as pid %d with %zu listening sockets; send SIGTERM to "
+             "this process (pid %d) once it serves",
+             exe_path, (int)pid, n, (int)getpid());
+    return pid;
+}
+
 int main(int argc, char **argv)
 {
+    saved_argv = argv;
+    ssize_t el = readlink("/proc/self/exe", exe_path, sizeof(exe_path) - 1);
+    exe_path[el > 0 ? el : 0] = '\0';
+    upgrade_inherit_load();
     const char *file = DEFAULT_CONFIG;
     int test_only = 0, opt;
     while ((opt = getopt(argc, argv, "c:tVh")) != -1) {
@@ -359,6 +403,8 @@ int main(int argc, char **argv)
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGHUP);
     sigaddset(&set, SIGUSR1);
+    sigaddset(&set, SIGUSR2);
+    sigaddset(&set, SIGCHLD);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
 
@@ -377,7 +423,8 @@ int main(int argc, char **argv)
     struct admin *admin = NULL;
     if (cfg->admin.enabled) {
         char aerr[256];
-        admin = admin_start(cfg, &admin_env, aerr, sizeof(aerr));
+        admin = admin_start(cfg, &admin_env, upgrade_take_fd(cfg->admin.address, &cfg->admin.addr),
+                            aerr, sizeof(aerr));
         if (!admin) {
             fprintf(stderr, "portico: %s\n", aerr);
             free(workers);
@@ -394,6 +441,7 @@ int main(int argc, char **argv)
         return 1;
     }
     __atomic_store_n(&ctl.nw, nw, __ATOMIC_RELEASE); /* the admin's gauges may read them now */
+    upgrade_inherit_done();
     if (admin)
         log_info("admin listener on %s", cfg->admin.address);
     for (size_t l = 0; l < cfg->nlisteners; l++)
@@ -403,6 +451,7 @@ int main(int argc, char **argv)
 
     int draining = 0;
     unsigned reload_gen = 0;
+    pid_t upgrade_pid = 0;
     struct timespec deadline = { 0, 0 };
     for (;;) {
         struct timespec tick = { 0, 100 * 1000 * 1000 };
@@ -430,6 +479,26 @@ int main(int argc, char **argv)
                 log_warn("SIGHUP while draining: ignored");
             } else {
                 reload(file, &cfg, workers, nw, &reload_gen, &admin);
+            }
+        } else if (sig == SIGUSR2) {
+            if (draining)
+                log_warn("SIGUSR2 while draining: ignored");
+            else if (upgrade_pid > 0)
+                log_warn("SIGUSR2: a new process (pid %d) is already running; ignored",
+                         (int)upgrade_pid);
+            else
+                upgrade_pid = binary_upgrade(cfg, workers, nw, admin);
+        } else if (sig == SIGCHLD) {
+            int st;
+            pid_t pid;
+            while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+                if (pid != upgrade_pid)
+                    continue;
+                log_error("binary upgrade: the new process (pid %d) exited with %s %d; this one "
+                          "keeps serving",
+                          (int)pid, WIFEXITED(st) ? "status" : "signal",
+                          WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
+                upgrade_pid = 0;
             }
         } else if (sig == SIGUSR1) {
             log_info("SIGUSR1: reopening the access log");
