@@ -344,6 +344,10 @@ static int rl_parse_keyexpr(const char *s, const char *path, const char *key, st
             bad = 1;
         }
         free(word);
+        if (bad) {
+            free(pt->arg);
+            pt->arg = NULL;
+        }
         if (bad)
             return rl_err(err, errlen,
                           "%s.%s: \"%.*s\" is not a key part (ip, route, header:NAME, jwt:CLAIM, "

@@ -374,3 +374,19 @@ def test_sentinel_failover_followed(portico, redis, tmp_path):
     c2 = uniq()
     assert statuses(p.port, 4, c2) == [200, 200, 200, 429]
     assert any(k.startswith("portico:rl:") for k in rep.cli("KEYS", "*").split())
+
+
+def test_auth_and_db(portico, redis):
+    rd = redis(extra=["--requirepass", "s3cret-pw"])
+    p = start(portico, {"key": "header:X-Client", "rate": "2/m"}, rd.port,
+              redis_extra={"password": "s3cret-pw", "db": 2})
+    assert statuses(p.port, 3, uniq()) == [200, 200, 429]
+    keys = subprocess.run(["redis-cli", "-p", str(rd.port), "-a", "s3cret-pw", "--no-auth-warning",
+                           "-n", "2", "KEYS", "*"], capture_output=True, timeout=5).stdout.split()
+    assert len(keys) == 1 and keys[0].startswith(b"portico:rl:{"), keys
+    # a wrong password: refused by Redis, the fallback serves, never logged
+    q = start(portico, {"key": "header:X-Client", "rate": "2/m"}, rd.port,
+              redis_extra={"password": "wrong-pw"})
+    assert statuses(q.port, 3, uniq()) == [200, 200, 429]
+    assert util.wait_until(lambda: "AUTH refused" in q.stderr(), 2), q.stderr()
+    assert "wrong-pw" not in q.stderr() and "wrong-pw" not in q.stdout()
