@@ -390,3 +390,13 @@ def test_auth_and_db(portico, redis):
     assert statuses(q.port, 3, uniq()) == [200, 200, 429]
     assert util.wait_until(lambda: "AUTH refused" in q.stderr(), 2), q.stderr()
     assert "wrong-pw" not in q.stderr() and "wrong-pw" not in q.stdout()
+
+
+def test_unix_socket(portico, redis, tmp_path):
+    sock = tmp_path / "redis.sock"
+    rd = redis(extra=["--unixsocket", str(sock), "--unixsocketperm", "700"])
+    cfg = make_config(routes=rl_route({"key": "header:X-Client", "rate": "2/m"}),
+                      redis={"address": "unix:%s" % sock})
+    p = portico(cfg)
+    assert statuses(p.port, 3, uniq()) == [200, 200, 429]
+    assert rd.cmdstat("evalsha") == 3
