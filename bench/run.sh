@@ -265,18 +265,19 @@ redis_calls() {
         awk -F'[=,:]' '/^cmdstat_eval(sha)?:/ {s += $3} END {print s + 0}'
 }
 
-# verify_ratelimit NAME PORT: the limit runs (its headers are on the
-# answer); the Redis one asks Redis once per request.
+# verify_ratelimit NAME PORT: the limits run (/over, 1 an hour, refuses
+# its second request); the Redis one asks Redis once per request.
 verify_ratelimit() {
-    local head=$TMP/verify.head before after
+    local codes before after
     [[ $1 != portico_rl_redis ]] || before=$(redis_calls)
-    curl -sS --max-time 5 -D "$head" -o /dev/null "http://127.0.0.1:$2/small" ||
-        die "$1: GET /small failed"
-    grep -qi "^RateLimit-Limit: " "$head" || die "$1: no RateLimit-Limit; the limit did not run: $(cat "$head")"
+    curl -sS --max-time 5 -o /dev/null "http://127.0.0.1:$2/small" || die "$1: GET /small failed"
     if [[ $1 == portico_rl_redis ]]; then
         after=$(redis_calls)
         [[ $((after - before)) == 1 ]] || die "$1: $((after - before)) Redis calls for one request (Redis down?)"
     fi
+    codes=$(curl -sS --max-time 5 -o /dev/null -o /dev/null -w '%{http_code} ' \
+        "http://127.0.0.1:$2/over" "http://127.0.0.1:$2/over")
+    [[ $codes == "200 429 " ]] || die "$1: /over answered $codes, expected 200 429: the limit does not run"
 }
 
 # ---------------------------------------------------------------- measuring
