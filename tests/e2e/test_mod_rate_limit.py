@@ -400,3 +400,16 @@ def test_unix_socket(portico, redis, tmp_path):
     p = portico(cfg)
     assert statuses(p.port, 3, uniq()) == [200, 200, 429]
     assert rd.cmdstat("evalsha") == 3
+
+
+def test_redis_absent_from_the_start(portico):
+    """Nothing listens at the address: the local fallback decides, the
+    trouble is logged once, and no request waits for it."""
+    p = start(portico, {"key": "header:X-Client", "rate": "3/m"}, free_port(), workers=2,
+              redis_extra={"reconnect_min_ms": 20, "reconnect_max_ms": 50})
+    t0 = time.monotonic()
+    got = statuses(p.port, 5, uniq())
+    assert got == [200, 200, 200, 429, 429], got
+    assert time.monotonic() - t0 < 2
+    time.sleep(0.5)                                           # several reconnect attempts
+    assert p.stderr().count("on_redis_error applies") == 1, p.stderr()
