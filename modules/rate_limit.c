@@ -1164,12 +1164,16 @@ struct rl_worker {
     redisAsyncContext *sac; /* a sentinel query in flight, or NULL */
     enum rw_state state;
     int degraded, closing, probing;
+    uint64_t probe_since; /* ns: the unanswered probe went out then */
     int backoff_ms;
     size_t next_sentinel;
     int pending;         /* EVALSHA calls in flight */
     struct event *timer; /* retry, connect timeout or probe, by state */
     struct event *tick;  /* notices a dropped config */
     struct rl_memo *memo;
+    /* Calls made while the sentinels are asked for the master: owned here
+     * until sent (a request that stops waiting only clears p->q). */
+    struct rl_pending *wait_head, **wait_tail;
 };
 
 /* One EVALSHA in flight. Owned by hiredis' callback, which always runs
@@ -1179,7 +1183,8 @@ struct rl_pending {
     struct rl_req *q;
     struct rl_worker *w;
     struct event *timer;
-    int evalled; /* already resent as EVAL after NOSCRIPT */
+    int evalled;                  /* already resent as EVAL after NOSCRIPT */
+    struct rl_pending *next_wait; /* in w's waiting list, not yet sent */
     int argc;
     const char **argv;
     size_t *argvlen;
@@ -1189,6 +1194,39 @@ static pthread_key_t rl_tls_key;
 static pthread_once_t rl_tls_once = PTHREAD_ONCE_INIT;
 
 static void rl_worker_start(struct rl_worker *w);
+static void rl_detach(struct rl_req *q);
+static void rl_pending_free(struct rl_pending *p);
+static void on_eval_reply(redisAsyncContext *ac, void *rv, void *priv);
+
+/* A waiting call that will not be sent: on_redis_error decides. */
+static void rl_drop_waiting(struct rl_worker *w, struct rl_pending *p)
+{
+    struct rl_req *q = p->q;
+    w->pending--;
+    if (q)
+        rl_detach(q);
+    rl_pending_free(p);
+    if (q && rl_fallback(q) == FILTER_CONTINUE)
+        request_resume(q->r);
+}
+
+/* send: the master connection exists, send the waiting calls behind its
+ * setup; else they all fall back. */
+static void rl_flush_waiting(struct rl_worker *w, int send)
+{
+    struct rl_pending *p = w->wait_head;
+    w->wait_head = NULL;
+    w->wait_tail = &w->wait_head;
+    while (p) {
+        struct rl_pending *next = p->next_wait;
+        p->next_wait = NULL;
+        if (!send || !p->q ||
+            redisAsyncCommandArgv(w->ac, on_eval_reply, p, p->argc, p->argv, p->argvlen) !=
+                REDIS_OK)
+            rl_drop_waiting(w, p);
+        p = next;
+    }
+}
 
 static void rl_trouble(struct rl_worker *w, const char *what, const char *detail)
 {
@@ -1233,6 +1271,7 @@ static void rl_down(struct rl_worker *w, const char *what, const char *detail)
         redisAsyncFree(sac);
     }
     w->probing = 0;
+    rl_flush_waiting(w, 0);
     if (w->closing)
         return;
     w->state = RW_DOWN;
@@ -1331,6 +1370,7 @@ static void rl_connect_master(struct rl_worker *w, const char *host, int port)
     redisAsyncCommand(ac, on_setup_reply, (void *)(intptr_t)STEP_LOAD, "SCRIPT LOAD %s", RL_SCRIPT);
     w->state = RW_CONNECTING;
     rl_arm(w, rc->connect_timeout_ms);
+    rl_flush_waiting(w, 1);
 }
 
 static void on_sentinel_connect(const redisAsyncContext *ac, int status)
@@ -1430,7 +1470,14 @@ static void on_worker_timer(evutil_socket_t fd, short what, void *arg)
             break;
         if (!w->probing) {
             w->probing = 1;
+            w->probe_since = rl_now_ns();
             redisAsyncCommand(w->ac, on_probe_reply, NULL, "EVALSHA %s 0", w->rc->sha);
+        } else if (rl_now_ns() - w->probe_since > (uint64_t)w->rc->connect_timeout_ms * 1000000u) {
+            /* A connection that stays silent (a stopped server, a network
+             * partition without resets) is replaced: the new one finds the
+             * server again, or, with Sentinel, the new master. */
+            rl_down(w, "no answer; reconnecting", NULL);
+            break;
         }
         rl_arm(w, RL_PROBE_MS);
         break;
@@ -1451,6 +1498,7 @@ static void rl_worker_free(struct rl_worker *w)
         w->sac = NULL;
         redisAsyncFree(sac);
     }
+    rl_flush_waiting(w, 0);
     if (w->degraded)
         __atomic_sub_fetch(&w->rc->degraded_workers, 1, __ATOMIC_ACQ_REL);
     event_free(w->timer);
@@ -1503,6 +1551,7 @@ static struct rl_worker *rl_worker_get(struct request *r, struct rl_redis *rc)
     w->rc = rc;
     w->base = request_event_base(r);
     w->backoff_ms = rc->reconnect_min_ms;
+    w->wait_tail = &w->wait_head;
     w->timer = evtimer_new(w->base, on_worker_timer, w);
     w->tick = event_new(w->base, -1, EV_PERSIST, on_worker_tick, w);
     if (!w->timer || !w->tick)
@@ -1666,7 +1715,10 @@ static enum filter_status rl_redis(struct rl_req *q)
     struct rl_worker *w = rl_worker_get(q->r, rc);
     if (rl_memo_refuse(w, q))
         return FILTER_RESPONDED;
-    if (w->degraded || !w->ac || (w->state != RW_READY && w->state != RW_CONNECTING))
+    /* Before the sentinels have named the master, the call waits for it;
+     * once in trouble, nothing waits. */
+    int wait = w->state == RW_ASKING;
+    if (w->degraded || (!wait && (!w->ac || w->state == RW_DOWN)))
         return rl_fallback(q);
     if (w->pending >= rc->max_pending) {
         rl_trouble(w, "too many calls in flight (max_pending)", NULL);
@@ -1698,7 +1750,11 @@ static enum filter_status rl_redis(struct rl_req *q)
         p->argvlen[i] = strlen(p->argv[i]);
     p->argc = (int)argc;
     p->w = w;
-    if (redisAsyncCommandArgv(w->ac, on_eval_reply, p, p->argc, p->argv, p->argvlen) != REDIS_OK) {
+    if (wait) {
+        *w->wait_tail = p;
+        w->wait_tail = &p->next_wait;
+    } else if (redisAsyncCommandArgv(w->ac, on_eval_reply, p, p->argc, p->argv, p->argvlen) !=
+               REDIS_OK) {
         free(p);
         rl_trouble(w, "cannot send", NULL);
         return rl_fallback(q);

@@ -359,11 +359,19 @@ def test_sentinel_failover_followed(portico, redis, tmp_path):
                              "reconnect_max_ms": 200})
     p = portico(cfg)
     c = uniq()
-    # the first request may come before the sentinel has answered: warm up
-    hit(p.port, uniq())
-    time.sleep(0.2)
+    # the first request waits for the sentinel's answer, then the master's
     assert statuses(p.port, 4, c) == [200, 200, 200, 429]
-    assert m.cmdstat("evalsha") >= 4
+    assert m.cmdstat("evalsha") == 4
+    assert "on_redis_error" not in p.stderr()
+    # a master the sentinels do not know, and a sentinel that is not there:
+    # the waiting requests fall back, nothing hangs
+    for red in ({"sentinels": ["127.0.0.1:%d" % sport], "master_name": "nosuch"},
+                {"sentinels": ["127.0.0.1:%d" % free_port()], "master_name": "mymaster"}):
+        q = portico(make_config(routes=rl_route({"key": "header:X-Client", "rate": "2/m"}),
+                                redis=red))
+        assert statuses(q.port, 3, uniq()) == [200, 200, 429]
+        assert util.wait_until(lambda: "does not know the master" in q.stderr() or
+                               "cannot reach a sentinel" in q.stderr(), 2), q.stderr()
     m.kill()
     new = util.wait_until(
         lambda: s.cli("SENTINEL", "get-master-addr-by-name", "mymaster").split() ==
@@ -413,3 +421,30 @@ def test_redis_absent_from_the_start(portico):
     assert time.monotonic() - t0 < 2
     time.sleep(0.5)                                           # several reconnect attempts
     assert p.stderr().count("on_redis_error applies") == 1, p.stderr()
+
+
+def test_stopped_redis_connection_replaced(portico, redis):
+    """A Redis that stops answering without closing (SIGSTOP): requests go
+    on under the fallback without waiting, the silent connection is
+    replaced, and when Redis runs again it decides again."""
+    rd = redis()
+    p = start(portico, {"key": "header:X-Client", "rate": "100/m"}, rd.port,
+              redis_extra={"timeout_ms": 50, "connect_timeout_ms": 200,
+                           "reconnect_min_ms": 50, "reconnect_max_ms": 100})
+    assert hit(p.port, uniq()).status == 200
+    conns0 = int(rd.cli("INFO", "stats").split("total_connections_received:")[1].split()[0])
+    rd.signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        for _ in range(20):
+            assert hit(p.port, uniq()).status == 200
+            time.sleep(0.05)
+        assert time.monotonic() - t0 < 3
+    finally:
+        rd.signal(signal.SIGCONT)
+    assert util.wait_until(lambda: "answers again" in p.stderr(), 5), p.stderr()
+    conns1 = int(rd.cli("INFO", "stats").split("total_connections_received:")[1].split()[0])
+    assert conns1 > conns0 + 1, (conns0, conns1)     # reconnected (redis-cli counts one)
+    before = rd.cmdstat("evalsha")
+    assert statuses(p.port, 2, uniq()) == [200, 200]
+    assert rd.cmdstat("evalsha") == before + 2
