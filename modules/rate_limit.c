@@ -21,12 +21,8 @@
  * "<prefix>{<hash of the key>}:<limit id>": limits of one request that use
  * the same key expression share one hash slot (Redis Cluster).
  *
- * Local backend: one table per filter, shared by all workers: buckets of
- * RL_WAYS slots {key hash, TAT}, a spinlock per shard of buckets, held only
- * for the few compares of one decision. A slot whose TAT has passed is free
- * (its key is fully recovered: forgetting it changes nothing); when a bucket
- * is full of live keys, the one closest to recovery is evicted (that key
- * gets a fresh burst): memory is fixed by local_max_keys.
+ * Local backend: one table per filter (rate_limit_local.h), shared by all
+ * workers, exact across them, its memory fixed by local_max_keys.
  *
  * Redis backend: each worker thread keeps its own asynchronous hiredis
  * connection on its own event loop, made on first use for each loaded
@@ -46,7 +42,7 @@
  * logged once per process when it starts and once when it ends. */
 #include "module.h"
 #include "log.h"
-#include "rate_limit_gcra.h"
+#include "rate_limit_local.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -65,14 +61,12 @@
 #include <sys/random.h>
 #include <time.h>
 
-#define RL_MAX_LIMITS 8
-#define RL_MAX_PARTS  8
-#define RL_WAYS       8
-#define RL_DIGEST     16 /* bytes of SHA-256 kept for a key */
-#define RL_PROBE_MS   100
-#define RL_TICK_MS    1000
-#define RL_BODY_429   "{\"error\":\"rate_limited\",\"status\":429}"
-#define RL_BODY_503   "{\"error\":\"rate_limit_unavailable\",\"status\":503}"
+#define RL_MAX_PARTS 8
+#define RL_DIGEST    16 /* bytes of SHA-256 kept for a key */
+#define RL_PROBE_MS  100
+#define RL_TICK_MS   1000
+#define RL_BODY_429  "{\"error\":\"rate_limited\",\"status\":429}"
+#define RL_BODY_503  "{\"error\":\"rate_limit_unavailable\",\"status\":503}"
 
 /* Returns {allowed, remaining_1, reset_ms_1, retry_ms_1, ...}: the rule of
  * rate_limit_gcra.h in microseconds of Redis' own clock (TIME), so every
@@ -138,25 +132,6 @@ struct rl_limit {
 
 enum rl_on_error { ON_ERR_LOCAL, ON_ERR_ALLOW, ON_ERR_DENY };
 
-struct rl_slot {
-    uint64_t hash; /* 0: never used */
-    uint64_t tat;  /* ns, CLOCK_MONOTONIC */
-};
-
-struct rl_shard {
-    pthread_spinlock_t lock;
-    char pad[64 - sizeof(pthread_spinlock_t)];
-};
-
-/* The local backend's table; see the file comment. Shared by all workers:
- * written only under the shard lock of the bucket. */
-struct rl_table {
-    size_t bucket_mask, shard_mask;
-    struct rl_shard *shards;
-    struct rl_slot *slots; /* (bucket_mask + 1) * RL_WAYS */
-    uint64_t evictions;    /* atomic */
-};
-
 /* The "redis" section; shared read-only, reference-counted: the config
  * holds one reference, each worker connection state another. */
 struct rl_redis {
@@ -221,14 +196,6 @@ static uint64_t rl_mix(uint64_t x)
     return x;
 }
 
-static size_t rl_pow2(size_t n)
-{
-    size_t p = 1;
-    while (p < n)
-        p <<= 1;
-    return p;
-}
-
 static int rl_check_keys(json_t *obj, const char *path, const char *const *known, char *err,
                          size_t errlen)
 {
@@ -283,45 +250,6 @@ static void rl_md_init(void)
         die("rate_limit: getrandom failed");
     rl_sip_k0 = k[0];
     rl_sip_k1 = k[1];
-}
-
-#define RL_ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
-#define RL_SIPROUND                                                     \
-    do {                                                                \
-        v0 += v1, v1 = RL_ROTL(v1, 13), v1 ^= v0, v0 = RL_ROTL(v0, 32); \
-        v2 += v3, v3 = RL_ROTL(v3, 16), v3 ^= v2;                       \
-        v0 += v3, v3 = RL_ROTL(v3, 21), v3 ^= v0;                       \
-        v2 += v1, v1 = RL_ROTL(v1, 17), v1 ^= v2, v2 = RL_ROTL(v2, 32); \
-    } while (0)
-
-/* SipHash-2-4 with the process's random key: the local table's key hash.
- * Keyed, so clients cannot choose header values that collide with another
- * client's bucket; not stable across processes (Redis keys use SHA-256). */
-static uint64_t rl_siphash(const unsigned char *in, size_t len)
-{
-    uint64_t v0 = 0x736f6d6570736575ULL ^ rl_sip_k0, v1 = 0x646f72616e646f6dULL ^ rl_sip_k1;
-    uint64_t v2 = 0x6c7967656e657261ULL ^ rl_sip_k0, v3 = 0x7465646279746573ULL ^ rl_sip_k1;
-    uint64_t b = (uint64_t)len << 56, m;
-    const unsigned char *end = in + (len & ~(size_t)7);
-    for (; in != end; in += 8) {
-        memcpy(&m, in, 8);
-        v3 ^= m;
-        RL_SIPROUND;
-        RL_SIPROUND;
-        v0 ^= m;
-    }
-    for (size_t i = len & 7; i > 0; i--)
-        b |= (uint64_t)in[i - 1] << (8 * (i - 1));
-    v3 ^= b;
-    RL_SIPROUND;
-    RL_SIPROUND;
-    v0 ^= b;
-    v2 ^= 0xff;
-    RL_SIPROUND;
-    RL_SIPROUND;
-    RL_SIPROUND;
-    RL_SIPROUND;
-    return v0 ^ v1 ^ v2 ^ v3;
 }
 
 static void rl_digest(const EVP_MD *md, const void *data, size_t len, unsigned char *out)
@@ -538,116 +466,6 @@ static int rl_parse_limit(json_t *obj, json_t *dflt, const char *path, struct rl
     if (getrandom(&l->salt, sizeof(l->salt), 0) != sizeof(l->salt))
         l->salt = rl_mix((uint64_t)(uintptr_t)l ^ rl_now_ns());
     return 0;
-}
-
-/* ---- the local table ---------------------------------------------------- */
-
-static struct rl_table *rl_table_new(size_t max_keys)
-{
-    struct rl_table *t = xcalloc(1, sizeof(*t));
-    size_t buckets = rl_pow2((max_keys + RL_WAYS - 1) / RL_WAYS);
-    size_t shards = buckets < 256 ? buckets : 256;
-    t->bucket_mask = buckets - 1;
-    t->shard_mask = shards - 1;
-    /* calloc: pages are touched only as keys arrive */
-    t->slots = xcalloc(buckets * RL_WAYS, sizeof(*t->slots));
-    if (posix_memalign((void **)&t->shards, 64, shards * sizeof(*t->shards)) != 0)
-        die("rate_limit: out of memory");
-    for (size_t i = 0; i < shards; i++)
-        pthread_spin_init(&t->shards[i].lock, PTHREAD_PROCESS_PRIVATE);
-    return t;
-}
-
-static void rl_table_free(struct rl_table *t)
-{
-    if (!t)
-        return;
-    for (size_t i = 0; i <= t->shard_mask; i++)
-        pthread_spin_destroy(&t->shards[i].lock);
-    free(t->shards);
-    free(t->slots);
-    free(t);
-}
-
-static struct rl_slot *rl_find(struct rl_table *t, uint64_t h)
-{
-    struct rl_slot *b = &t->slots[(h & t->bucket_mask) * RL_WAYS];
-    for (int i = 0; i < RL_WAYS; i++)
-        if (b[i].hash == h)
-            return &b[i];
-    return NULL;
-}
-
-/* A slot for a new key: a free or recovered one, else the live key closest
- * to recovery (evicted: it starts again with a full burst). */
-static struct rl_slot *rl_victim(struct rl_table *t, uint64_t h, uint64_t now)
-{
-    struct rl_slot *b = &t->slots[(h & t->bucket_mask) * RL_WAYS], *v = &b[0];
-    for (int i = 0; i < RL_WAYS; i++) {
-        if (b[i].hash == 0 || b[i].tat <= now)
-            return &b[i];
-        if (b[i].tat < v->tat)
-            v = &b[i];
-    }
-    __atomic_add_fetch(&t->evictions, 1, __ATOMIC_RELAXED);
-    return v;
-}
-
-/* Results of one decision, per active limit, in ms. */
-struct rl_outcome {
-    int allowed;
-    uint64_t remaining[RL_MAX_LIMITS], reset_ms[RL_MAX_LIMITS], retry_ms[RL_MAX_LIMITS];
-};
-
-static uint64_t rl_ceil_ms(uint64_t ns)
-{
-    return (ns + 999999) / 1000000;
-}
-
-/* Decide n limits of one request at once: every shard involved is locked
- * (in index order, so no two threads deadlock), all are checked, and the
- * new TATs are stored only when all pass. */
-static void rl_local_decide(struct rl_table *t, const uint64_t *hash,
-                            const struct gcra_policy *const *pol, size_t n, uint64_t now,
-                            struct rl_outcome *out)
-{
-    size_t shard[RL_MAX_LIMITS], order[RL_MAX_LIMITS], nord = 0;
-    for (size_t i = 0; i < n; i++) {
-        shard[i] = (hash[i] & t->bucket_mask) & t->shard_mask;
-        size_t k = 0;
-        while (k < nord && order[k] < shard[i])
-            k++;
-        if (k < nord && order[k] == shard[i])
-            continue;
-        memmove(&order[k + 1], &order[k], (nord - k) * sizeof(order[0]));
-        order[k] = shard[i];
-        nord++;
-    }
-    for (size_t k = 0; k < nord; k++)
-        pthread_spin_lock(&t->shards[order[k]].lock);
-    uint64_t newtat[RL_MAX_LIMITS];
-    out->allowed = 1;
-    for (size_t i = 0; i < n; i++) {
-        struct rl_slot *s = rl_find(t, hash[i]);
-        uint64_t tat = s ? s->tat : 0;
-        struct gcra_result g;
-        newtat[i] = gcra_decide(tat, now, pol[i], &g);
-        out->allowed &= g.allowed;
-        out->remaining[i] = g.remaining;
-        out->reset_ms[i] = rl_ceil_ms(g.reset);
-        out->retry_ms[i] = rl_ceil_ms(g.retry);
-    }
-    if (out->allowed) {
-        for (size_t i = 0; i < n; i++) {
-            struct rl_slot *s = rl_find(t, hash[i]);
-            if (!s)
-                s = rl_victim(t, hash[i], now);
-            s->hash = hash[i];
-            s->tat = newtat[i];
-        }
-    }
-    for (size_t k = nord; k-- > 0;)
-        pthread_spin_unlock(&t->shards[order[k]].lock);
 }
 
 /* ---- the redis section -------------------------------------------------- */
@@ -1041,7 +859,7 @@ static int rl_key_digest(struct request *r, const struct rl_keyexpr *k, int sha,
         off += 4 + len[i];
     }
     if (!sha) {
-        uint64_t h = rl_siphash(buf, off);
+        uint64_t h = rl_siphash(rl_sip_k0, rl_sip_k1, buf, off);
         memcpy(out, &h, 8);
         return 0;
     }

@@ -1,16 +1,19 @@
 /* Tests for modules/rate_limit.c: the GCRA arithmetic (rate_limit_gcra.h)
  * against a reference written differently (a token bucket of credit), at
- * clock edges and on random arrivals; and config parsing through the
- * descriptor (parse_global for "redis", parse_config for the filter). The
- * backends are tested end to end (tests/e2e/test_mod_rate_limit.py) with
- * real Redis processes. */
+ * clock edges and on random arrivals; the in-process table
+ * (rate_limit_local.h): exact under threads, several limits decided
+ * together, expiry and eviction, SipHash against its reference vectors;
+ * and config parsing through the descriptor (parse_global for "redis",
+ * parse_config for the filter). The backends are tested end to end
+ * (tests/e2e/test_mod_rate_limit.py) with real Redis processes. */
 #include "testlib.h"
 
 #include <jansson.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "../../modules/rate_limit_gcra.h"
+#include "../../modules/rate_limit_local.h"
 #include "module.h"
 #include "modules.h"
 
@@ -194,6 +197,140 @@ static void test_random_against_reference(void)
     }
 }
 
+/* ---- the local table ---------------------------------------------------- */
+
+static void test_siphash_vectors(void)
+{
+    /* SipHash-2-4 reference: key 00..0f, message 00..(len-1) */
+    static const uint64_t want[] = { 0x726fdb47dd0e0e31ULL, 0x74f839c593dc67fdULL,
+                                     0x0d6c8009d9a94f5aULL, 0x85676696d7fb7e2dULL };
+    unsigned char key[16], msg[64];
+    for (int i = 0; i < 16; i++)
+        key[i] = (unsigned char)i;
+    for (int i = 0; i < 64; i++)
+        msg[i] = (unsigned char)i;
+    uint64_t k0, k1;
+    memcpy(&k0, key, 8);
+    memcpy(&k1, key + 8, 8);
+    for (size_t len = 0; len < 4; len++)
+        CHECK(rl_siphash(k0, k1, msg, len) == want[len]);
+    CHECK(rl_siphash(k0, k1, msg, 15) == 0xa129ca6149be45e5ULL);
+    CHECK(rl_siphash(k0, k1, msg, 63) == 0x958a324ceb064572ULL);
+}
+
+static void test_table_exact_and_atomic(void)
+{
+    struct rl_table *t = rl_table_new(1024);
+    struct gcra_policy user = { 1000000000ULL, 3 }, route = { 1000000000ULL, 5 };
+    const struct gcra_policy *one[] = { &user };
+    const struct gcra_policy *two[] = { &user, &route };
+    uint64_t now = 1000;
+    struct rl_outcome o;
+    uint64_t a = 11 | 1, b = 22 | 1, r = 33 | 1;
+    for (int i = 0; i < 3; i++) {
+        rl_local_decide(t, (uint64_t[]){ a }, one, 1, now, &o);
+        CHECK_EQ_INT(o.allowed, 1);
+    }
+    rl_local_decide(t, (uint64_t[]){ a }, one, 1, now, &o);
+    CHECK_EQ_INT(o.allowed, 0);
+    CHECK_EQ_INT(o.retry_ms[0], 1000);
+    /* user b and the route together: a refusal by one charges neither */
+    for (int i = 0; i < 3; i++) {
+        rl_local_decide(t, (uint64_t[]){ b, r }, two, 2, now, &o);
+        CHECK_EQ_INT(o.allowed, 1);
+    }
+    CHECK_EQ_INT(o.remaining[0], 0);
+    CHECK_EQ_INT(o.remaining[1], 2);
+    rl_local_decide(t, (uint64_t[]){ b, r }, two, 2, now, &o); /* b refuses */
+    CHECK_EQ_INT(o.allowed, 0);
+    CHECK_EQ_INT(o.retry_ms[0], 1000);
+    CHECK_EQ_INT(o.retry_ms[1], 0);
+    /* the route was not charged by that refusal: two more users get its 2 */
+    rl_local_decide(t, (uint64_t[]){ 44 | 1, r }, two, 2, now, &o);
+    CHECK_EQ_INT(o.allowed, 1);
+    rl_local_decide(t, (uint64_t[]){ 55 | 1, r }, two, 2, now, &o);
+    CHECK_EQ_INT(o.allowed, 1);
+    rl_local_decide(t, (uint64_t[]){ 66 | 1, r }, two, 2, now, &o);
+    CHECK_EQ_INT(o.allowed, 0);
+    /* recovery after one interval */
+    rl_local_decide(t, (uint64_t[]){ a }, one, 1, now + 1000000000ULL, &o);
+    CHECK_EQ_INT(o.allowed, 1);
+    CHECK_EQ_INT(t->evictions, 0);
+    rl_table_free(t);
+}
+
+static void test_table_expiry_and_eviction(void)
+{
+    /* 8 keys: one bucket of 8 slots, so every key lands in it */
+    struct rl_table *t = rl_table_new(8);
+    CHECK_EQ_INT(t->bucket_mask, 0);
+    struct gcra_policy p = { 1000, 2 };
+    const struct gcra_policy *pol[] = { &p };
+    struct rl_outcome o;
+    uint64_t now = 1000000;
+    /* 8 live keys, key k sent at now + k (so key 1 recovers first) */
+    for (uint64_t k = 1; k <= 8; k++) {
+        rl_local_decide(t, (uint64_t[]){ 2 * k + 1 }, pol, 1, now + k, &o);
+        rl_local_decide(t, (uint64_t[]){ 2 * k + 1 }, pol, 1, now + k, &o);
+        CHECK_EQ_INT(o.allowed, 1);
+    }
+    CHECK_EQ_INT(t->evictions, 0);
+    /* a 9th live key evicts the one closest to recovery (key 1) */
+    rl_local_decide(t, (uint64_t[]){ 101 }, pol, 1, now + 9, &o);
+    CHECK_EQ_INT(o.allowed, 1);
+    CHECK_EQ_INT(t->evictions, 1);
+    rl_local_decide(t, (uint64_t[]){ 3 }, pol, 1, now + 9, &o); /* key 1: fresh again */
+    CHECK_EQ_INT(o.allowed, 1);
+    CHECK_EQ_INT(o.remaining[0], 1);
+    CHECK_EQ_INT(t->evictions, 2);
+    rl_local_decide(t, (uint64_t[]){ 17 }, pol, 1, now + 9, &o); /* key 8: still known */
+    CHECK_EQ_INT(o.allowed, 0);
+    /* once every key has recovered, new keys reuse slots without evicting */
+    uint64_t later = now + 1000000;
+    for (uint64_t k = 200; k < 208; k++)
+        rl_local_decide(t, (uint64_t[]){ 2 * k + 1 }, pol, 1, later, &o);
+    CHECK_EQ_INT(t->evictions, 2);
+    rl_table_free(t);
+}
+
+struct hammer {
+    struct rl_table *t;
+    int allowed;
+};
+
+static void *hammer_run(void *arg)
+{
+    struct hammer *h = arg;
+    struct gcra_policy user = { 86400000000000ULL, 1000 }, all = { 86400000000000ULL, 3000 };
+    const struct gcra_policy *pol[] = { &user, &all };
+    for (int i = 0; i < 20000; i++) {
+        struct rl_outcome o;
+        uint64_t user_key = (uint64_t)(i % 4) * 2 + 1001;
+        rl_local_decide(h->t, (uint64_t[]){ user_key, 77 }, pol, 2, 5000 + (uint64_t)i, &o);
+        h->allowed += o.allowed;
+    }
+    return NULL;
+}
+
+static void test_table_threads(void)
+{
+    /* 4 threads, 4 users of 1000 each under a shared 3000: exactly 3000 pass */
+    struct rl_table *t = rl_table_new(4096);
+    struct hammer h[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        h[i] = (struct hammer){ t, 0 };
+        pthread_create(&th[i], NULL, hammer_run, &h[i]);
+    }
+    int total = 0;
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        total += h[i].allowed;
+    }
+    CHECK_EQ_INT(total, 3000);
+    rl_table_free(t);
+}
+
 /* ---- config ------------------------------------------------------------- */
 
 static json_t *j(const char *s)
@@ -370,6 +507,10 @@ int main(void)
     test_burst_then_rate();
     test_clock_edges();
     test_random_against_reference();
+    test_siphash_vectors();
+    test_table_exact_and_atomic();
+    test_table_expiry_and_eviction();
+    test_table_threads();
     test_config_ok();
     test_config_errors();
     return test_summary();
