@@ -301,9 +301,10 @@ def test_paused_redis_costs_at_most_the_timeout(portico, redis):
         t0 = time.monotonic()
         assert hit(p.port, uniq()).status == 200
         times.append(time.monotonic() - t0)
-    # the first waits for the timeout; the others do not wait at all
-    assert times[0] >= 0.045 and times[0] < 0.5, times
-    assert max(times[1:]) < 0.2, times
+    # the first waits for the timeout; the others do not wait for Redis at
+    # all (bounds far below the 1.5 s pause, loose for a busy machine)
+    assert times[0] >= 0.045 and times[0] < 1.0, times
+    assert max(times[1:]) < 0.5, times
     assert util.wait_until(lambda: "no answer within timeout_ms" in p.stderr(), 2)
     # after the pause, Redis decides again
     assert util.wait_until(lambda: "answers again" in p.stderr(), 5), p.stderr()
