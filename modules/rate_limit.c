@@ -567,7 +567,7 @@ static int rl_parse_global(json_t *json, const char *path, void **gcfg, char *er
         rl_get_int(json, path, "reconnect_max_ms", 1, 600000, &rc->reconnect_max_ms, err, errlen) <
             0 ||
         rl_get_int(json, path, "max_pending", 1, 1000000, &rc->max_pending, err, errlen) < 0 ||
-        rl_get_int(json, path, "memo_size", 0, 1 << 24, &rc->memo_size, err, errlen) < 0)
+        rl_get_int(json, path, "memo_size", 0, 1 << 20, &rc->memo_size, err, errlen) < 0)
         goto fail;
     if (rc->reconnect_max_ms < rc->reconnect_min_ms) {
         rl_err(err, errlen, "%s.reconnect_max_ms: must not be below reconnect_min_ms", path);
@@ -765,7 +765,7 @@ static int rl_parse_config(json_t *json, const char *path, void *gcfg, void **cf
     }
     c->headers = h && json_is_true(h);
     int max_keys = 65536;
-    if (rl_get_int(json, path, "local_max_keys", 8, 1 << 26, &max_keys, err, errlen) < 0)
+    if (rl_get_int(json, path, "local_max_keys", 8, 1 << 24, &max_keys, err, errlen) < 0)
         goto fail;
     /* The table serves the local backend and the "local" fallback. */
     if (!c->redis || c->on_error == ON_ERR_LOCAL)

@@ -467,6 +467,8 @@ static void test_config_errors(void)
                P ".headers: ", "true or false");
     expect_err(__LINE__, NULL, "{'key': 'ip', 'rate': '1/s', 'local_max_keys': 1}",
                P ".local_max_keys: ", "from 8");
+    expect_err(__LINE__, NULL, "{'key': 'ip', 'rate': '1/s', 'local_max_keys': 16777217}",
+               P ".local_max_keys: ", "16777216");
     /* the redis section */
     const char *f = "{'key': 'ip', 'rate': '1/s'}";
     expect_err(__LINE__, "[]", f, "redis: ", "object");
@@ -495,6 +497,12 @@ static void test_config_errors(void)
                "'reconnect_max_ms': 100}",
                f, "redis.reconnect_max_ms: ", "below");
     expect_err(__LINE__, "{'address': '127.0.0.1:1', 'bogus': 1}", f, "redis.bogus: ", "unknown");
+    expect_err(__LINE__, "{'address': '127.0.0.1:1', 'memo_size': 2000000}", f,
+               "redis.memo_size: ", "1048576");
+    expect_err(__LINE__,
+               "{'address': '127.0.0.1:1', 'key_prefix': '"
+               "0123456789012345678901234567890123456789012345678901234567890123456789'}",
+               f, "redis.key_prefix: ", "64");
 }
 
 int main(void)
