@@ -80,7 +80,10 @@ def rl_route(conf, path="/rl/", name="rl"):
 def start(portico, conf, redis_port=None, workers=1, redis_extra=None, routes=None):
     top = {"workers": workers}
     if redis_port:
-        top["redis"] = dict({"address": "127.0.0.1:%d" % redis_port}, **(redis_extra or {}))
+        # A generous timeout: only the tests about timeouts use the 50 ms
+        # default, so that a busy machine does not turn Redis into a fallback.
+        top["redis"] = dict({"address": "127.0.0.1:%d" % redis_port, "timeout_ms": 1000},
+                            **(redis_extra or {}))
     cfg = make_config(routes=routes or rl_route(conf), **top)
     return portico(cfg)
 
@@ -357,7 +360,7 @@ def test_sentinel_failover_followed(portico, redis, tmp_path):
     s = redis(port=sport, sentinel_conf=conf)
     cfg = make_config(routes=rl_route({"key": "header:X-Client", "rate": "3/m"}),
                       redis={"sentinels": ["127.0.0.1:%d" % sport], "master_name": "mymaster",
-                             "reconnect_max_ms": 200})
+                             "reconnect_max_ms": 200, "timeout_ms": 1000})
     p = portico(cfg)
     c = uniq()
     # the first request waits for the sentinel's answer, then the master's
@@ -405,7 +408,7 @@ def test_unix_socket(portico, redis, tmp_path):
     sock = tmp_path / "redis.sock"
     rd = redis(extra=["--unixsocket", str(sock), "--unixsocketperm", "700"])
     cfg = make_config(routes=rl_route({"key": "header:X-Client", "rate": "2/m"}),
-                      redis={"address": "unix:%s" % sock})
+                      redis={"address": "unix:%s" % sock, "timeout_ms": 1000})
     p = portico(cfg)
     assert statuses(p.port, 3, uniq()) == [200, 200, 429]
     assert rd.cmdstat("evalsha") == 3
