@@ -452,3 +452,16 @@ def test_stopped_redis_connection_replaced(portico, redis):
     before = rd.cmdstat("evalsha")
     assert statuses(p.port, 2, uniq()) == [200, 200]
     assert rd.cmdstat("evalsha") == before + 2
+
+
+def test_ip_key_honours_trusted_proxies_only(portico):
+    """Behind a trusted proxy the client is the X-Forwarded-For address;
+    from an untrusted peer the header changes nothing."""
+    routes = rl_route({"key": "ip", "rate": "2/m"})
+    trusted = portico(make_config(routes=routes, trusted_proxies=["127.0.0.1"]))
+    xff = lambda a: {"X-Forwarded-For": a}
+    assert statuses(trusted.port, 3, None, extra=xff("203.0.113.7")) == [200, 200, 429]
+    assert statuses(trusted.port, 1, None, extra=xff("203.0.113.8")) == [200]
+    untrusted = portico(make_config(routes=routes))
+    assert statuses(untrusted.port, 1, None, extra=xff("203.0.113.7")) == [200]
+    assert statuses(untrusted.port, 2, None, extra=xff("203.0.113.9")) == [200, 429]
