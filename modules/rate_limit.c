@@ -34,12 +34,22 @@
  *   CONNECTING --AUTH, SELECT, (ROLE), SCRIPT LOAD answered--> READY
  *   any --error, disconnect, connect timeout--> DOWN (retry after backoff)
  *
+ *   READY, degraded, probe unanswered for connect_timeout_ms --> DOWN
+ *
  * Requests are sent while CONNECTING or READY (hiredis queues them behind
- * the setup commands) unless the worker is "degraded": a call timed out or
- * the connection failed. Degraded, requests take the on_redis_error path at
- * once, without waiting, and a probe (EVALSHA of the script with no keys)
- * goes out every RL_PROBE_MS until Redis answers. A degraded episode is
- * logged once per process when it starts and once when it ends. */
+ * the setup commands), or wait in the worker's list while ASKING, unless
+ * the worker is "degraded": a call timed out or the connection failed.
+ * Degraded, requests take the on_redis_error path at once, without waiting,
+ * and a probe (EVALSHA of the script with no keys) goes out every
+ * RL_PROBE_MS until Redis answers. A degraded episode is logged once per
+ * process when it starts and once when it ends. A refusal from Redis is
+ * remembered by the worker until it expires (the memo), so a key known to
+ * be over costs Redis nothing. Every request waiting on Redis has a timer
+ * and a cleanup; the pending call itself belongs to hiredis, whose callback
+ * always runs (with no reply when the connection goes) and frees it. A
+ * worker's connections are closed on its own thread: at thread exit (a
+ * pthread key destructor, before the loop's base is freed) or by the 1 s
+ * tick once the config that made them is dropped. */
 #include "module.h"
 #include "log.h"
 #include "rate_limit_local.h"
