@@ -12,10 +12,14 @@
 #                    the table shows the median of the rounds
 #   BENCH_CONNS      wrk connections (default 64)
 #   BENCH_PROXIES    subset/order of "portico nginx haproxy"
-#   BENCH_CASES      subset of "small 4k 64k close filters" (default: all but
-#                    filters). "filters" measures Portico alone: the route
-#                    without filters vs the same route with request_id,
-#                    headers and cors, and prints the ratio (goal >= 0.95)
+#   BENCH_CASES      subset of "small 4k 64k close filters ratelimit"
+#                    (default: all but filters and ratelimit). "filters"
+#                    measures Portico alone: the route without filters vs
+#                    the same route with request_id, headers and cors, and
+#                    prints the ratio (goal >= 0.95). "ratelimit": the route
+#                    without filters vs one rate_limit kept in process vs
+#                    one in Redis (a redis-server is started), with Redis
+#                    commands per request (goals 0.97 and 0.85)
 #   BENCH_PROXY_CPU  core for the proxy under test (default 0)
 #   BENCH_LOAD_CPU   core for the origin and wrk (default 1)
 #   BENCH_OUT        if set, the raw results (TSV) are copied there
@@ -51,11 +55,13 @@ for p in "${PROXIES[@]}"; do
     [[ -n ${PORT[$p]:-} ]] || die "unknown proxy '$p' in BENCH_PROXIES"
 done
 FILTERS=0
+RATELIMIT=0
 CMP_CASES=() # the cases that compare the proxies (all but "filters")
 for c in "${CASES[@]}"; do
     case $c in
         small | 4k | 64k | close) CMP_CASES+=("$c") ;;
         filters) FILTERS=1 ;;
+        ratelimit) RATELIMIT=1 ;;
         *) die "unknown case '$c' in BENCH_CASES" ;;
     esac
 done
@@ -66,12 +72,19 @@ if ((FILTERS)); then
     PORT[portico_filters]=18804
     FILTER_ORIGIN="https://app.example.com" # allowed by bench/conf/portico-filters.json
 fi
-if [[ " ${PROXIES[*]} " == *" portico "* ]] || ((FILTERS)); then
+if ((RATELIMIT)); then
+    command -v redis-server >/dev/null && command -v redis-cli >/dev/null ||
+        die "the ratelimit case needs redis-server and redis-cli"
+    PORT[portico_rl_local]=18805
+    PORT[portico_rl_redis]=18806
+    PORT_REDIS=18807
+fi
+if [[ " ${PROXIES[*]} " == *" portico "* ]] || ((FILTERS)) || ((RATELIMIT)); then
     [[ -x $PORTICO_BIN ]] || die "no Portico binary at $PORTICO_BIN: build it (tests/run-all.sh or \
 cd build && ../configure && make) or set PORTICO_BIN"
 fi
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for port in "$PORT_ORIGIN" "${PORT[@]}"; do
+for port in "$PORT_ORIGIN" "${PORT[@]}" ${PORT_REDIS:-}; do
     ! port_busy "$port" || die "port $port is already in use; stop whatever listens there"
 done
 ncpu=$(nproc)
@@ -119,7 +132,7 @@ render() {
     # read our private temp dir; as any other user the directive is moot.
     [[ $(id -u) -ne 0 ]] || user="user root;"
     sed -e "s|@DIR@|$3|g" -e "s|@PORT@|$4|g" -e "s|@UPSTREAM@|$ORIGIN|g" \
-        -e "s|@USER@|$user|g" "$ROOT/bench/conf/$1" >"$2"
+        -e "s|@USER@|$user|g" -e "s|@REDIS@|${PORT_REDIS:-0}|g" "$ROOT/bench/conf/$1" >"$2"
 }
 
 # start NAME CPU LOGFILE command...: run in the background, pinned.
@@ -187,13 +200,23 @@ start_proxy() {
             start "$p" "$PROXY_CPU" "$dir/portico.log" "$PORTICO_BIN" -c "$dir/portico.json"
             wait_up "$p" "${PORT[$p]}" "$dir/portico.log"
             ;;
+        portico_rl_local | portico_rl_redis)
+            mkdir -p "$dir"
+            local tpl=portico-rl-local.json
+            [[ $p == portico_rl_local ]] || tpl=portico-rl-redis.json
+            render "$tpl" "$dir/portico.json" "$dir" "${PORT[$p]}"
+            "$PORTICO_BIN" -t -c "$dir/portico.json" >"$dir/check.log" 2>&1 ||
+                die "portico rejects $dir/portico.json (is rate_limit built in?): $(cat "$dir/check.log")"
+            start "$p" "$PROXY_CPU" "$dir/portico.log" "$PORTICO_BIN" -c "$dir/portico.json"
+            wait_up "$p" "${PORT[$p]}" "$dir/portico.log"
+            ;;
     esac
 }
 
 # ---------------------------------------------------------------- correctness
 
 path_of() {
-    case $1 in small | close | filters) echo /small ;; 4k) echo /4k.bin ;; 64k) echo /64k.bin ;; esac
+    case $1 in small | close | filters | ratelimit) echo /small ;; 4k) echo /4k.bin ;; 64k) echo /64k.bin ;; esac
 }
 expected_of() {
     case $1 in
@@ -236,6 +259,27 @@ verify_filters() {
     done
 }
 
+# redis_calls: EVALSHA + EVAL calls so far (INFO commandstats).
+redis_calls() {
+    redis-cli -p "$PORT_REDIS" INFO commandstats |
+        awk -F'[=,:]' '/^cmdstat_eval(sha)?:/ {s += $3} END {print s + 0}'
+}
+
+# verify_ratelimit NAME PORT: the limits run (/over, 1 an hour, refuses
+# its second request); the Redis one asks Redis once per request.
+verify_ratelimit() {
+    local codes before after
+    [[ $1 != portico_rl_redis ]] || before=$(redis_calls)
+    curl -sS --max-time 5 -o /dev/null "http://127.0.0.1:$2/small" || die "$1: GET /small failed"
+    if [[ $1 == portico_rl_redis ]]; then
+        after=$(redis_calls)
+        [[ $((after - before)) == 1 ]] || die "$1: $((after - before)) Redis calls for one request (Redis down?)"
+    fi
+    codes=$(curl -sS --max-time 5 -o /dev/null -o /dev/null -w '%{http_code} ' \
+        "http://127.0.0.1:$2/over" "http://127.0.0.1:$2/over")
+    [[ $codes == "200 429 " ]] || die "$1: /over answered $codes, expected 200 429: the limit does not run"
+}
+
 # ---------------------------------------------------------------- measuring
 
 # cpu_ticks PID: user+system clock ticks of a process and its children
@@ -257,6 +301,7 @@ wrk_run() {
     url="http://127.0.0.1:$1$(path_of "$2")"
     [[ $2 != close ]] || hdr=(-H "Connection: close")
     [[ $2 != filters ]] || hdr=(-H "Origin: $FILTER_ORIGIN")
+    [[ $2 != over ]] || url="http://127.0.0.1:$1/over"
     taskset -c "$LOAD_CPU" wrk -t1 -c"$BENCH_CONNS" -d"$3"s --latency "${hdr[@]}" "$url" >"$4" 2>&1
 }
 
@@ -275,12 +320,14 @@ measure() { # measure CASE PROXY ROUND
     local c=$1 p=$2 r=$3 out=$TMP/wrk-$1-$2-$3.txt
     wrk_run "${PORT[$p]}" "$c" "$BENCH_WARMUP" "$TMP/warmup.txt" ||
         die "$p/$c: wrk warm-up failed: $(cat "$TMP/warmup.txt")"
-    local t0 t1 n0 n1
+    local t0 t1 n0 n1 rc0=0 rc1=0
+    [[ $p != portico_rl_redis ]] || rc0=$(redis_calls)
     t0=$(cpu_ticks "${PID[$p]}")
     n0=$(date +%s%N)
     wrk_run "${PORT[$p]}" "$c" "$BENCH_SECONDS" "$out" || die "$p/$c: wrk failed: $(cat "$out")"
     n1=$(date +%s%N)
     t1=$(cpu_ticks "${PID[$p]}")
+    [[ $p != portico_rl_redis ]] || rc1=$(redis_calls)
     kill -0 "${PID[$p]}" 2>/dev/null || die "$p died during the $c run (see $TMP/$p/)"
 
     local rps reqs p50 p99 non2xx sockerr
@@ -292,6 +339,8 @@ measure() { # measure CASE PROXY ROUND
     sockerr=$(awk '/Socket errors:/ { s = 0; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) s += $i; print s }' "$out")
     [[ -n $rps && -n $reqs ]] || die "$p/$c: cannot read wrk's output: $(cat "$out")"
     local errors=$((${non2xx:-0} + ${sockerr:-0}))
+    [[ $p != portico_rl_redis ]] ||
+        printf '%s\t%s\t%s\n' "$c" "$reqs" "$((rc1 - rc0))" >>"$TMP/redis-calls.tsv"
     local hz cpu_s wall_s cpu_pct us_per_req
     hz=$(getconf CLK_TCK)
     cpu_s=$(awk -v t="$((t1 - t0))" -v hz="$hz" 'BEGIN {printf "%.3f", t / hz}')
@@ -318,21 +367,35 @@ if ((FILTERS)); then
     [[ " ${STARTED[*]} " == *" portico "* ]] || STARTED+=(portico)
     STARTED+=(portico_filters)
 fi
+if ((RATELIMIT)); then
+    [[ " ${STARTED[*]} " == *" portico "* ]] || STARTED+=(portico)
+    STARTED+=(portico_rl_local portico_rl_redis)
+    mkdir -p "$TMP/redis"
+    # Redis shares the load's CPU: a remote Redis would cost the proxy the
+    # same, and the proxy's core stays its own.
+    start redis "$LOAD_CPU" "$TMP/redis/redis.log" redis-server --port "$PORT_REDIS" \
+        --bind 127.0.0.1 --save '' --appendonly no --dir "$TMP/redis"
+    wait_up redis "$PORT_REDIS" "$TMP/redis/redis.log"
+fi
 for p in "${STARTED[@]}"; do
     start_proxy "$p"
     verify "$p" "${PORT[$p]}"
     [[ $p != portico_filters ]] || verify_filters "${PORT[$p]}"
+    [[ $p != portico_rl_* ]] || verify_ratelimit "$p" "${PORT[$p]}"
     log "$p answers correctly on port ${PORT[$p]}"
 done
 
-total=$(( (${#CMP_CASES[@]} * ${#PROXIES[@]} + 2 * FILTERS) * BENCH_ROUNDS * (BENCH_SECONDS + BENCH_WARMUP) ))
+total=$(( (${#CMP_CASES[@]} * ${#PROXIES[@]} + 2 * FILTERS + 3 * RATELIMIT) * BENCH_ROUNDS * (BENCH_SECONDS + BENCH_WARMUP) ))
 what="${CMP_CASES[*]} x ${PROXIES[*]}"
 ((${#CMP_CASES[@]})) || what=""
 ((!FILTERS)) || what="${what:+$what, }filters x portico portico_filters"
+((!RATELIMIT)) || what="${what:+$what, }ratelimit x portico portico_rl_local portico_rl_redis"
 log "measuring: $what x $BENCH_ROUNDS round(s), about ${total}s"
 for c in "${CASES[@]}"; do
     if [[ $c == filters ]]; then
         runners=(portico portico_filters)
+    elif [[ $c == ratelimit ]]; then
+        runners=(portico portico_rl_local portico_rl_redis)
     else
         runners=("${PROXIES[@]}")
     fi
@@ -345,6 +408,16 @@ for c in "${CASES[@]}"; do
     done
 done
 
+if ((RATELIMIT)); then
+    # A key known to be over its limit: refused from the worker's memo,
+    # without asking Redis (every answer is a 429 here).
+    before=$(redis_calls)
+    wrk_run "${PORT[portico_rl_redis]}" over 3 "$TMP/wrk-over.txt" || die "over: wrk failed"
+    after=$(redis_calls)
+    over_reqs=$(awk '/requests in/ {print $1}' "$TMP/wrk-over.txt")
+    printf 'over\t%s\t%s\n' "$over_reqs" "$((after - before))" >>"$TMP/redis-calls.tsv"
+fi
+
 [[ -z ${BENCH_OUT:-} ]] || cp "$RESULTS" "$BENCH_OUT"
 
 echo
@@ -353,7 +426,7 @@ if [[ " ${STARTED[*]} " == *" portico "* ]]; then
     versions="$("$PORTICO_BIN" --version 2>/dev/null | head -1 || echo portico), $versions"
 fi
 echo "$versions; wrk -t1 -c$BENCH_CONNS; ${BENCH_SECONDS}s x $BENCH_ROUNDS round(s); proxy on CPU $PROXY_CPU"
-"$PY" - "$RESULTS" <<'EOF'
+"$PY" - "$RESULTS" "$TMP/redis-calls.tsv" <<'EOF'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 med = {}
@@ -364,6 +437,7 @@ def m(rs, key):
 cases = list(dict.fromkeys(r["case"] for r in rows))
 proxies = list(dict.fromkeys(r["proxy"] for r in rows))
 FILTERED = "portico_filters"   # the "filters" case's twin; compared only with portico
+TWINS = (FILTERED, "portico_rl_local", "portico_rl_redis")
 pw = max([8] + [len(p) for p in proxies])
 cw = max([6] + [len(c) for c in cases])
 hdr = "%-*s %-*s %11s %9s %9s %5s %11s %7s" % (cw, "case", pw, "proxy", "req/s", "p50 us", "p99 us",
@@ -378,15 +452,15 @@ for c in cases:
         print("%-*s %-*s %11.0f %9.0f %9.0f %5.0f %11.2f %7d" % (
             cw, c, pw, p, m(rs, "rps"), m(rs, "p50_us"), m(rs, "p99_us"), m(rs, "cpu_pct"),
             m(rs, "cpu_us_per_req"), sum(int(x["errors"]) for x in rs)))
-others = [p for p in proxies if p not in ("portico", FILTERED)]
-if any(c != "filters" and (c, "portico") in med for c in cases) and others:
+others = [p for p in proxies if p != "portico" and p not in TWINS]
+if any(c not in ("filters", "ratelimit") and (c, "portico") in med for c in cases) and others:
     print()
     cols = []
     for o in others:
         cols += ["req/s vs %s" % o, "per-CPU vs %s" % o]
     print("%-6s " % "case" + " ".join("%18s" % h for h in cols))
     for c in cases:
-        if (c, "portico") not in med or c == "filters":
+        if (c, "portico") not in med or c in ("filters", "ratelimit"):
             continue
         pr, pc = m(med[(c, "portico")], "rps"), m(med[(c, "portico")], "cpu_us_per_req")
         vals = []
@@ -409,6 +483,31 @@ if ("filters", "portico") in med and ("filters", FILTERED) in med:
     # side can cap requests/s before the proxy's core is saturated.
     print("  req/s %.2fx (goal >= 0.95)%s, per-CPU %.2fx" % (
         rps_ratio, "" if rps_ratio >= 0.95 else "  BELOW GOAL", cpu_ratio))
+if ("ratelimit", "portico") in med:
+    plain = med[("ratelimit", "portico")]
+    print()
+    print("ratelimit: one rate_limit filter vs the same route without filters")
+    for twin, what, goal in (("portico_rl_local", "in process", 0.97),
+                             ("portico_rl_redis", "in Redis", 0.85)):
+        if ("ratelimit", twin) not in med:
+            continue
+        rs = med[("ratelimit", twin)]
+        rr = m(rs, "rps") / m(plain, "rps") if m(plain, "rps") else 0
+        cr = m(plain, "cpu_us_per_req") / m(rs, "cpu_us_per_req") if m(rs, "cpu_us_per_req") else 0
+        print("  %-10s req/s %.2fx, per-CPU %.2fx (goal >= %.2f)%s" % (
+            what, rr, cr, goal, "" if min(rr, cr) >= goal else "  BELOW GOAL"))
+    try:
+        calls = [ln.split("\t") for ln in open(sys.argv[2]).read().split("\n") if ln]
+    except OSError:
+        calls = []
+    under = [(int(n), int(k)) for c, n, k in calls if c == "ratelimit"]
+    over = [(int(n), int(k)) for c, n, k in calls if c == "over"]
+    if under:
+        print("  Redis commands per request under the limit: %.3f" % (
+            sum(k for _, k in under) / max(1, sum(n for n, _ in under))))
+    if over:
+        print("  Redis commands per request for a key known to be over: %.4f (%d calls, %d requests)" % (
+            over[0][1] / max(1, over[0][0]), over[0][1], over[0][0]))
 if any(int(r["errors"]) for r in rows):
     print("\nWARNING: some runs had errors (non-2xx or socket errors): see the log above.")
 EOF

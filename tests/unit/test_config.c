@@ -754,6 +754,16 @@ static void load_dir(const char *sub)
         snprintf(path, sizeof(path), "%s/%s", dir, de->d_name);
         struct config_errors e = { 0 };
         struct config *c = config_load(path, &e);
+        /* An example of a module left out of this build is refused by
+         * name only: that is the right answer here. */
+        size_t absent = 0;
+        for (size_t i = 0; i < e.n; i++)
+            absent += strstr(e.msgs[i], "not built into this binary") != NULL;
+        if (!c && e.n && absent == e.n) {
+            config_errors_free(&e);
+            n++;
+            continue;
+        }
         if (!c) {
             fprintf(stderr, "%s does not load:\n", path);
             dump(&e);

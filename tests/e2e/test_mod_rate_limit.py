@@ -1,0 +1,467 @@
+"""rate_limit module: exact limits with the local backend (across worker
+threads, several limits, missing key parts), and with real redis-server
+processes started here: one combined limit for two Portico processes,
+Redis killed and restarted, SCRIPT FLUSH, a paused Redis costing at most the
+timeout, the over-limit memo (no Redis call for a key known to be over), a
+client leaving while its request waits on Redis, and a Sentinel failover."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+import util
+from conftest import Proc, free_port, make_config, wait_port
+
+REDIS = shutil.which("redis-server")
+
+
+@pytest.fixture(autouse=True)
+def need_module(portico_bin):
+    out = subprocess.run([portico_bin, "-V"], capture_output=True, timeout=10).stdout.decode()
+    mods = [ln for ln in out.splitlines() if ln.lower().startswith("modules:")]
+    if not mods or "rate_limit" not in mods[0].replace(",", " ").split():
+        pytest.skip("rate_limit module not built in")
+
+
+class Redis(Proc):
+    """A real redis-server (or sentinel) on a free loopback port."""
+
+    def __init__(self, tmp_path, port=None, extra=(), sentinel_conf=None):
+        self.port = port or free_port()
+        if sentinel_conf:
+            argv = [REDIS, str(sentinel_conf), "--sentinel", "--port", str(self.port)]
+        else:
+            argv = [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no"] + list(extra)
+        super().__init__("redis-%d" % self.port, argv, tmp_path)
+        if not wait_port(self.port, self.proc, what="redis"):
+            raise RuntimeError("redis did not start\n" + self.logs())
+
+    def cli(self, *args, timeout=5):
+        p = subprocess.run(["redis-cli", "-p", str(self.port)] + [str(a) for a in args],
+                           capture_output=True, timeout=timeout)
+        return p.stdout.decode().strip()
+
+    def cmdstat(self, name):
+        """calls of a command from INFO commandstats (0 when never called)."""
+        for line in self.cli("INFO", "commandstats").splitlines():
+            if line.startswith("cmdstat_%s:" % name):
+                return int(line.split("calls=")[1].split(",")[0])
+        return 0
+
+
+@pytest.fixture
+def redis(request, tmp_path):
+    if not REDIS:
+        pytest.skip("redis-server not installed")
+    started = []
+
+    def start(**kw):
+        r = Redis(tmp_path, **kw)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.kill()
+        r.finish()
+
+
+def rl_route(conf, path="/rl/", name="rl"):
+    return [{"name": name, "path": path, "respond": {"status": 200, "body": "ok"},
+             "filters": [{"rate_limit": conf}]}]
+
+
+def start(portico, conf, redis_port=None, workers=1, redis_extra=None, routes=None):
+    top = {"workers": workers}
+    if redis_port:
+        # A generous timeout: only the tests about timeouts use the 50 ms
+        # default, so that a busy machine does not turn Redis into a fallback.
+        top["redis"] = dict({"address": "127.0.0.1:%d" % redis_port, "timeout_ms": 1000},
+                            **(redis_extra or {}))
+    cfg = make_config(routes=routes or rl_route(conf), **top)
+    return portico(cfg)
+
+
+def hit(port, client="a", path="/rl/x", extra=None):
+    hdrs = {"X-Client": client} if client is not None else {}
+    hdrs.update(extra or {})
+    return util.get(port, path, headers=hdrs)
+
+
+def statuses(port, n, client="a", **kw):
+    return [hit(port, client, **kw).status for _ in range(n)]
+
+
+def uniq():
+    return "c-%d-%d" % (os.getpid(), time.monotonic_ns())
+
+
+# ---- local backend --------------------------------------------------------
+
+
+def test_local_exact_then_recovers(portico):
+    p = start(portico, {"key": "header:X-Client", "rate": "5/2s", "headers": True})
+    got = statuses(p.port, 8)
+    assert got == [200] * 5 + [429] * 3, got
+    r = hit(p.port)
+    assert r.status == 429
+    assert r.header("Content-Type") == "application/json"
+    assert r.json()["error"] == "rate_limited"
+    assert 1 <= int(r.header("Retry-After")) <= 1          # 400 ms, rounded up
+    assert r.header("RateLimit-Limit") == "5"
+    assert r.header("RateLimit-Remaining") == "0"
+    assert r.header("RateLimit-Policy") == "5;w=2"
+    assert 1 <= int(r.header("RateLimit-Reset")) <= 2
+    ok = hit(p.port, "other")
+    assert ok.status == 200
+    assert ok.header("RateLimit-Remaining") == "4"          # headers: true on allowed answers
+    time.sleep(0.45)                                        # one interval (400 ms)
+    assert statuses(p.port, 2) == [200, 429]
+    time.sleep(2.05)                                        # the whole burst back
+    assert statuses(p.port, 6) == [200] * 5 + [429]
+
+
+def test_local_exact_across_workers(portico):
+    """Four workers, 16 concurrent clients, one key: exactly the burst passes."""
+    p = start(portico, {"key": "const:all", "rate": "20/m"}, workers=4)
+    results = []
+    lock = threading.Lock()
+
+    def client():
+        for _ in range(5):
+            st = hit(p.port, None).status
+            with lock:
+                results.append(st)
+
+    ts = [threading.Thread(target=client) for _ in range(16)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert results.count(200) == 20 and results.count(429) == 60, results
+
+
+def test_no_headers_on_allowed_by_default(portico):
+    p = start(portico, {"key": "ip", "rate": "5/s"})
+    r = hit(p.port)
+    assert r.status == 200 and r.header("RateLimit-Limit") is None
+
+
+def test_several_limits_checked_together(portico):
+    """Per user 3/min, and the route 5/min overall: a refusal charges
+    nothing, so user b still gets the route's last two."""
+    p = start(portico, {"limits": [{"key": "header:X-Client", "rate": "3/m"},
+                                   {"key": "route", "rate": "5/m"}], "headers": True})
+    assert statuses(p.port, 5, "a") == [200, 200, 200, 429, 429]
+    r = hit(p.port, "b")
+    assert r.status == 200
+    assert r.header("RateLimit-Remaining") == "1"           # the route's, the tighter one
+    assert r.header("RateLimit-Policy") == "3;w=60, 5;w=60"
+    assert statuses(p.port, 3, "b") == [200, 429, 429]
+    assert statuses(p.port, 1, "c") == [429]                 # route exhausted
+
+
+def test_missing_part_skip_and_fallback(portico):
+    routes = (rl_route({"key": "header:X-Client", "rate": "2/m", "on_missing": "skip"},
+                       path="/skip/", name="skip") +
+              rl_route({"key": "header:X-Client", "rate": "2/m"}, path="/fb/", name="fb") +
+              rl_route({"key": "jwt:sub", "rate": "2/m", "on_missing": "fallback",
+                        "fallback_key": "header:X-Client"}, path="/jwt/", name="jwt"))
+    p = start(portico, None, routes=routes)
+    # skip: without the header the limit does not apply
+    assert statuses(p.port, 4, None, path="/skip/x") == [200] * 4
+    assert statuses(p.port, 3, "k", path="/skip/x") == [200, 200, 429]
+    # fallback (default: "ip"): without the header the client address counts
+    assert statuses(p.port, 3, None, path="/fb/x") == [200, 200, 429]
+    assert statuses(p.port, 1, "k", path="/fb/x") == [200]   # its own bucket
+    # no jwt_auth on this route: jwt:sub is missing, X-Client is used
+    assert statuses(p.port, 3, "j1", path="/jwt/x") == [200, 200, 429]
+    assert statuses(p.port, 1, "j2", path="/jwt/x") == [200]
+
+
+def test_proxied_route_and_access_log(portico, upstream):
+    e = upstream("echo.py")
+    cfg = make_config(upstreams={"echo": {"endpoints": [e.addr]}},
+                      routes=[{"path": "/", "upstream": "echo",
+                               "filters": [{"rate_limit": {"key": "ip", "rate": "2/m"}}]}])
+    p = portico(cfg)
+    r = util.get(p.port, "/a")
+    assert r.status == 200 and r.json()["target"] == "/a"
+    assert [util.get(p.port, "/a").status for _ in range(2)] == [200, 429]
+    assert e.stats()["requests"] == 2                        # the refusal never went upstream
+    assert util.wait_until(lambda: '"rate_limit":"limited"' in p.stdout(), 2)
+
+
+def test_config_errors_name_the_path(portico_bin, tmp_path):
+    cfg = make_config(routes=rl_route({"key": "header:", "rate": "5/s"}))
+    path = tmp_path / "bad.json"
+    import json
+    path.write_text(json.dumps(cfg))
+    out = subprocess.run([portico_bin, "-t", "-c", str(path)], capture_output=True, timeout=10)
+    text = (out.stdout + out.stderr).decode()
+    assert out.returncode == 1
+    assert "routes[0].filters[0].rate_limit.key:" in text, text
+    cfg = make_config(routes=rl_route({"key": "ip", "rate": "5/s"}),
+                      redis={"address": "redis.example:6379", "password": "hunter2"})
+    path.write_text(json.dumps(cfg))
+    out = subprocess.run([portico_bin, "-t", "-c", str(path)], capture_output=True, timeout=10)
+    text = (out.stdout + out.stderr).decode()
+    assert out.returncode == 1 and "redis.address:" in text, text
+    assert "hunter2" not in text
+
+
+# ---- Redis backend --------------------------------------------------------
+
+
+def test_redis_exact_then_recovers(portico, redis):
+    rd = redis()
+    p = start(portico, {"key": "header:X-Client", "rate": "5/2s"}, rd.port)
+    c = uniq()
+    assert statuses(p.port, 7, c) == [200] * 5 + [429] * 2
+    keys = rd.cli("KEYS", "*").split()
+    assert len(keys) == 1 and keys[0].startswith("portico:rl:{"), keys
+    assert c not in keys[0]                                  # the key is hashed
+    ttl = int(rd.cli("PTTL", keys[0]))
+    assert 0 < ttl <= 2000                                   # gone once fully recovered
+    time.sleep(0.45)
+    assert statuses(p.port, 2, c) == [200, 429]
+    assert util.wait_until(lambda: '"rate_limit":"allowed"' in p.stdout(), 2)
+    assert "fallback" not in p.stdout()
+
+
+def test_two_instances_share_one_limit(portico, redis):
+    rd = redis()
+    conf = {"key": "header:X-Client", "rate": "10/m"}
+    a = start(portico, conf, rd.port, workers=2)
+    b = start(portico, conf, rd.port, workers=2)
+    c = uniq()
+    got = [hit((a if i % 2 else b).port, c).status for i in range(30)]
+    assert got.count(200) == 10, got
+    assert got[:10] == [200] * 10
+
+
+def test_memo_spares_redis(portico, redis):
+    rd = redis()
+    p = start(portico, {"key": "header:X-Client", "rate": "3/m"}, rd.port)
+    c = uniq()
+    assert statuses(p.port, 4, c) == [200, 200, 200, 429]
+    before = rd.cmdstat("evalsha")
+    assert statuses(p.port, 20, c) == [429] * 20
+    assert rd.cmdstat("evalsha") == before                  # 0 Redis calls for a known-over key
+    assert util.wait_until(lambda: '"rate_limit":"limited_memo"' in p.stdout(), 2)
+    # a key under its limit costs exactly one call per request
+    before = rd.cmdstat("evalsha")
+    statuses(p.port, 2, uniq())
+    assert rd.cmdstat("evalsha") == before + 2
+
+
+def test_redis_killed_then_restarted_and_flushed(portico, redis, tmp_path):
+    rd = redis()
+    port = rd.port
+    p = start(portico, {"key": "header:X-Client", "rate": "3/m"}, rd.port,
+              redis_extra={"reconnect_max_ms": 200})
+    c = uniq()
+    assert statuses(p.port, 4, c) == [200, 200, 200, 429]
+    rd.kill()
+    # Redis gone: the local fallback serves, and limits still hold locally
+    c2 = uniq()
+    got = statuses(p.port, 5, c2)
+    assert got == [200, 200, 200, 429, 429], got
+    assert util.wait_until(lambda: "connection lost" in p.stderr() or
+                           "cannot connect" in p.stderr(), 2), p.stderr()
+    # logged once for the episode, not per request
+    assert p.stderr().count("on_redis_error applies") == 1, p.stderr()
+    rd2 = redis(port=port)                                    # a new, empty Redis: no scripts
+    assert util.wait_until(lambda: "answers again" in p.stderr(), 5), p.stderr()
+    c3 = uniq()
+    assert statuses(p.port, 4, c3) == [200, 200, 200, 429]
+    assert rd2.cmdstat("evalsha") >= 4                        # decided by Redis again
+    assert rd2.cli("KEYS", "*") != ""
+    # SCRIPT FLUSH: NOSCRIPT is answered by one EVAL, then EVALSHA again
+    rd2.cli("SCRIPT", "FLUSH")
+    c4 = uniq()
+    assert statuses(p.port, 4, c4) == [200, 200, 200, 429]
+    assert rd2.cmdstat("eval") == 1
+    time.sleep(0.3)                                           # the access log is flushed
+    assert p.stdout().count('"rate_limit":"fallback_local"') == 5   # only while Redis was away
+
+
+def test_paused_redis_costs_at_most_the_timeout(portico, redis):
+    rd = redis()
+    p = start(portico, {"key": "header:X-Client", "rate": "100/m"}, rd.port,
+              redis_extra={"timeout_ms": 50})
+    assert hit(p.port, uniq()).status == 200                  # connected
+    subprocess.Popen(["redis-cli", "-p", str(rd.port), "CLIENT", "PAUSE", "1500", "ALL"],
+                     stdout=subprocess.DEVNULL).wait(5)
+    times = []
+    for _ in range(10):
+        t0 = time.monotonic()
+        assert hit(p.port, uniq()).status == 200
+        times.append(time.monotonic() - t0)
+    # the first waits for the timeout; the others do not wait for Redis at
+    # all (bounds far below the 1.5 s pause, loose for a busy machine)
+    assert times[0] >= 0.045 and times[0] < 1.0, times
+    assert max(times[1:]) < 0.5, times
+    assert util.wait_until(lambda: "no answer within timeout_ms" in p.stderr(), 2)
+    # after the pause, Redis decides again
+    assert util.wait_until(lambda: "answers again" in p.stderr(), 5), p.stderr()
+    before = rd.cmdstat("evalsha")
+    assert hit(p.port, uniq()).status == 200
+    assert rd.cmdstat("evalsha") == before + 1
+
+
+def test_on_redis_error_deny_and_allow(portico, redis):
+    rd = redis()
+    routes = (rl_route({"key": "ip", "rate": "1/m", "on_redis_error": "deny"}, "/deny/", "d") +
+              rl_route({"key": "ip", "rate": "1/m", "on_redis_error": "allow"}, "/allow/", "a"))
+    p = start(portico, None, rd.port, routes=routes)
+    assert hit(p.port, path="/deny/x").status == 200
+    rd.kill()
+    time.sleep(0.1)
+    r = hit(p.port, path="/deny/x")
+    assert r.status == 503 and r.json()["error"] == "rate_limit_unavailable"
+    assert statuses(p.port, 3, path="/allow/x") == [200] * 3
+
+
+def test_client_gone_while_waiting(portico, redis):
+    """Requests wait on a paused Redis; their clients leave; nothing breaks."""
+    rd = redis()
+    p = start(portico, {"key": "header:X-Client", "rate": "100/m"}, rd.port,
+              redis_extra={"timeout_ms": 300})
+    assert hit(p.port, uniq()).status == 200
+    rd.cli("CLIENT", "PAUSE", "600", "ALL")
+    for _ in range(5):
+        s = socket.create_connection(("127.0.0.1", p.port))
+        s.sendall(b"GET /rl/x HTTP/1.1\r\nHost: t\r\nX-Client: gone\r\n\r\n")
+        s.close()
+    time.sleep(0.8)
+    assert hit(p.port, uniq()).status == 200
+    assert p.poll() is None
+
+
+# ---- Sentinel -------------------------------------------------------------
+
+
+def test_sentinel_failover_followed(portico, redis, tmp_path):
+    m = redis()
+    rep = redis(extra=["--replicaof", "127.0.0.1", str(m.port)])
+    assert util.wait_until(lambda: "master_link_status:up" in rep.cli("INFO", "replication"), 10)
+    sport = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text("port %d\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 %d 1\n"
+                    "sentinel down-after-milliseconds mymaster 400\n"
+                    "sentinel failover-timeout mymaster 2000\n" % (sport, m.port))
+    s = redis(port=sport, sentinel_conf=conf)
+    cfg = make_config(routes=rl_route({"key": "header:X-Client", "rate": "3/m"}),
+                      redis={"sentinels": ["127.0.0.1:%d" % sport], "master_name": "mymaster",
+                             "reconnect_max_ms": 200, "timeout_ms": 1000})
+    p = portico(cfg)
+    c = uniq()
+    # the first request waits for the sentinel's answer, then the master's
+    assert statuses(p.port, 4, c) == [200, 200, 200, 429]
+    assert m.cmdstat("evalsha") == 4
+    assert "on_redis_error" not in p.stderr()
+    # a master the sentinels do not know, and a sentinel that is not there:
+    # the waiting requests fall back, nothing hangs
+    for red in ({"sentinels": ["127.0.0.1:%d" % sport], "master_name": "nosuch"},
+                {"sentinels": ["127.0.0.1:%d" % free_port()], "master_name": "mymaster"}):
+        q = portico(make_config(routes=rl_route({"key": "header:X-Client", "rate": "2/m"}),
+                                redis=red))
+        assert statuses(q.port, 3, uniq()) == [200, 200, 429]
+        assert util.wait_until(lambda: "does not know the master" in q.stderr() or
+                               "cannot reach a sentinel" in q.stderr(), 2), q.stderr()
+    m.kill()
+    new = util.wait_until(
+        lambda: s.cli("SENTINEL", "get-master-addr-by-name", "mymaster").split() ==
+        ["127.0.0.1", str(rep.port)], 15)
+    assert new, s.cli("SENTINEL", "get-master-addr-by-name", "mymaster")
+    assert util.wait_until(lambda: (hit(p.port, uniq()).status == 200 and
+                                    rep.cmdstat("evalsha") > 0), 10)
+    c2 = uniq()
+    assert statuses(p.port, 4, c2) == [200, 200, 200, 429]
+    assert any(k.startswith("portico:rl:") for k in rep.cli("KEYS", "*").split())
+
+
+def test_auth_and_db(portico, redis):
+    rd = redis(extra=["--requirepass", "s3cret-pw"])
+    p = start(portico, {"key": "header:X-Client", "rate": "2/m"}, rd.port,
+              redis_extra={"password": "s3cret-pw", "db": 2})
+    assert statuses(p.port, 3, uniq()) == [200, 200, 429]
+    keys = subprocess.run(["redis-cli", "-p", str(rd.port), "-a", "s3cret-pw", "--no-auth-warning",
+                           "-n", "2", "KEYS", "*"], capture_output=True, timeout=5).stdout.split()
+    assert len(keys) == 1 and keys[0].startswith(b"portico:rl:{"), keys
+    # a wrong password: refused by Redis, the fallback serves, never logged
+    q = start(portico, {"key": "header:X-Client", "rate": "2/m"}, rd.port,
+              redis_extra={"password": "wrong-pw"})
+    assert statuses(q.port, 3, uniq()) == [200, 200, 429]
+    assert util.wait_until(lambda: "AUTH refused" in q.stderr(), 2), q.stderr()
+    assert "wrong-pw" not in q.stderr() and "wrong-pw" not in q.stdout()
+
+
+def test_unix_socket(portico, redis, tmp_path):
+    sock = tmp_path / "redis.sock"
+    rd = redis(extra=["--unixsocket", str(sock), "--unixsocketperm", "700"])
+    cfg = make_config(routes=rl_route({"key": "header:X-Client", "rate": "2/m"}),
+                      redis={"address": "unix:%s" % sock, "timeout_ms": 1000})
+    p = portico(cfg)
+    assert statuses(p.port, 3, uniq()) == [200, 200, 429]
+    assert rd.cmdstat("evalsha") == 3
+
+
+def test_redis_absent_from_the_start(portico):
+    """Nothing listens at the address: the local fallback decides, the
+    trouble is logged once, and no request waits for it."""
+    p = start(portico, {"key": "header:X-Client", "rate": "3/m"}, free_port(), workers=2,
+              redis_extra={"reconnect_min_ms": 20, "reconnect_max_ms": 50})
+    t0 = time.monotonic()
+    got = statuses(p.port, 5, uniq())
+    assert got == [200, 200, 200, 429, 429], got
+    assert time.monotonic() - t0 < 2
+    time.sleep(0.5)                                           # several reconnect attempts
+    assert p.stderr().count("on_redis_error applies") == 1, p.stderr()
+
+
+def test_stopped_redis_connection_replaced(portico, redis):
+    """A Redis that stops answering without closing (SIGSTOP): requests go
+    on under the fallback without waiting, the silent connection is
+    replaced, and when Redis runs again it decides again."""
+    rd = redis()
+    p = start(portico, {"key": "header:X-Client", "rate": "100/m"}, rd.port,
+              redis_extra={"timeout_ms": 50, "connect_timeout_ms": 200,
+                           "reconnect_min_ms": 50, "reconnect_max_ms": 100})
+    assert hit(p.port, uniq()).status == 200
+    conns0 = int(rd.cli("INFO", "stats").split("total_connections_received:")[1].split()[0])
+    rd.signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        for _ in range(20):
+            assert hit(p.port, uniq()).status == 200
+            time.sleep(0.05)
+        assert time.monotonic() - t0 < 3
+    finally:
+        rd.signal(signal.SIGCONT)
+    assert util.wait_until(lambda: "answers again" in p.stderr(), 5), p.stderr()
+    conns1 = int(rd.cli("INFO", "stats").split("total_connections_received:")[1].split()[0])
+    assert conns1 > conns0 + 1, (conns0, conns1)     # reconnected (redis-cli counts one)
+    before = rd.cmdstat("evalsha")
+    assert statuses(p.port, 2, uniq()) == [200, 200]
+    assert rd.cmdstat("evalsha") == before + 2
+
+
+def test_ip_key_honours_trusted_proxies_only(portico):
+    """Behind a trusted proxy the client is the X-Forwarded-For address;
+    from an untrusted peer the header changes nothing."""
+    routes = rl_route({"key": "ip", "rate": "2/m"})
+    trusted = portico(make_config(routes=routes, trusted_proxies=["127.0.0.1"]))
+    xff = lambda a: {"X-Forwarded-For": a}
+    assert statuses(trusted.port, 3, None, extra=xff("203.0.113.7")) == [200, 200, 429]
+    assert statuses(trusted.port, 1, None, extra=xff("203.0.113.8")) == [200]
+    untrusted = portico(make_config(routes=routes))
+    assert statuses(untrusted.port, 1, None, extra=xff("203.0.113.7")) == [200]
+    assert statuses(untrusted.port, 2, None, extra=xff("203.0.113.9")) == [200, 429]
