@@ -659,9 +659,10 @@ struct jwt_provider {
     SSL_CTX *ssl_ctx; /* https only */
 
     /* Written by workers, read by the fetcher (atomics). */
-    int64_t last_early; /* CLOCK_MONOTONIC seconds of the last early refetch asked */
+    int64_t last_early; /* CLOCK_MONOTONIC ms of the last early refetch asked */
     int early;          /* an early refetch is wanted */
     uint64_t fetch_failures;
+    uint64_t fetches_done; /* attempts finished, failed or not */
 
     /* The fetcher thread's own. */
     struct jwt_global *g;
@@ -712,33 +713,35 @@ static void provider_set_keys(struct jwt_provider *p, struct jwt_keyset *ks)
     keyset_unref(old);
 }
 
-static int64_t monotonic_s(void)
+static int64_t monotonic_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec;
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* From a worker: ask the fetcher to refetch p's keys now, unless one was
- * asked less than min_refetch_s ago. Never blocks (the eventfd is
- * non-blocking; a full counter means a wake-up is already pending). */
-static void provider_refetch_early(struct jwt_provider *p)
+ * asked less than min_refetch_s ago. Returns 1 when asked. Never blocks
+ * (the eventfd is non-blocking; a full counter means a wake-up is already
+ * pending). */
+static int provider_refetch_early(struct jwt_provider *p)
 {
     struct jwt_global *g = p->g;
     if (!p->jwks_uri && !p->discovery_url)
-        return;
-    int64_t now = monotonic_s(), last = __atomic_load_n(&p->last_early, __ATOMIC_RELAXED);
-    if (now - last < p->min_refetch_s ||
+        return 0;
+    int64_t now = monotonic_ms(), last = __atomic_load_n(&p->last_early, __ATOMIC_RELAXED);
+    if (now - last < (int64_t)p->min_refetch_s * 1000 ||
         !__atomic_compare_exchange_n(&p->last_early, &last, now, false, __ATOMIC_ACQ_REL,
                                      __ATOMIC_RELAXED))
-        return;
-    __atomic_store_n(&p->early, 1, __ATOMIC_RELEASE);
+        return 0;
     int fd = __atomic_load_n(&g->wake_fd, __ATOMIC_ACQUIRE);
-    if (fd >= 0) {
-        uint64_t one = 1;
-        if (write(fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
-            log_warn("jwt_auth: cannot wake the key fetcher: %s", strerror(errno));
-    }
+    if (fd < 0)
+        return 0; /* no fetcher (portico -t, tests) */
+    __atomic_store_n(&p->early, 1, __ATOMIC_RELEASE);
+    uint64_t one = 1;
+    if (write(fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        log_warn("jwt_auth: cannot wake the key fetcher: %s", strerror(errno));
+    return 1;
 }
 
 /* ---- claims ------------------------------------------------------------- */
@@ -1000,7 +1003,22 @@ static void cache_put(const struct jwt_provider *p, const unsigned char *hash, u
 struct verdict {
     const char *why;
     int status; /* 401, or 503 when the keys are not there yet */
+    /* This request asked for an early refetch of wait_for's keys: it may
+     * wait until the fetch attempt after seq has finished, then retry. */
+    struct jwt_provider *wait_for;
+    uint64_t seq;
 };
+
+/* Ask for an early refetch of p's keys; if this request is the one that
+ * asked, note in v that it may wait for the result. */
+static void refetch_and_maybe_wait(struct jwt_provider *p, struct verdict *v)
+{
+    uint64_t seq = __atomic_load_n(&p->fetches_done, __ATOMIC_ACQUIRE);
+    if (provider_refetch_early(p)) {
+        v->wait_for = p;
+        v->seq = seq;
+    }
+}
 
 /* Verify t against p: algorithm, key, signature, registered claims. On
  * success returns 1 and sets *gen to the key set used. */
@@ -1015,7 +1033,7 @@ static int provider_verify(struct jwt_provider *p, const struct jwt_token *t, do
     if (!ks) {
         v->why = "keys not fetched yet";
         v->status = 503;
-        provider_refetch_early(p);
+        refetch_and_maybe_wait(p, v);
         return 0;
     }
     int named = 0, tried = 0, ok = 0;
@@ -1034,7 +1052,7 @@ static int provider_verify(struct jwt_provider *p, const struct jwt_token *t, do
     if (!ok) {
         if (!named) {
             v->why = "unknown kid";
-            provider_refetch_early(p);
+            refetch_and_maybe_wait(p, v);
         } else {
             v->why = tried ? "bad signature" : "alg does not match the key";
         }
@@ -1067,7 +1085,7 @@ static json_t *token_verify(struct jwt_provider *const *providers, size_t n, con
     v->why = iss ? "wrong issuer" : "token has no iss";
     for (size_t i = 0; iss && i < n && !claims; i++) {
         struct jwt_provider *p = providers[i];
-        struct verdict pv = { NULL, 401 };
+        struct verdict pv = { NULL, 401, NULL, 0 };
         uint64_t gen = 0;
         if (strcmp(p->issuer, iss) != 0)
             continue;
@@ -1524,6 +1542,7 @@ static void fetch_schedule(struct jwt_provider *p, int seconds)
 static void fetch_done(struct jwt_provider *p, const char *failure)
 {
     p->busy = false;
+    __atomic_add_fetch(&p->fetches_done, 1, __ATOMIC_RELEASE);
     if (failure) {
         unsigned long long n = __atomic_add_fetch(&p->fetch_failures, 1, __ATOMIC_RELAXED);
         /* Logged once per run of failures, not at every retry. */
@@ -2369,25 +2388,83 @@ static void share_claims(struct request *r, const struct jwt_route *rc, json_t *
     }
 }
 
-static enum filter_status jwt_on_request(struct request *r, void *cfg, void **ctx)
+/* A request waiting for the early refetch it asked for (an unknown kid, or
+ * no keys yet). Polled on the worker's own loop: the fetcher thread never
+ * touches a request. */
+struct jwt_wait {
+    struct request *r;
+    const struct jwt_route *rc;
+    struct event *timer; /* NULL once fired or freed */
+    char *tok;           /* a copy, in the request's arena */
+    size_t len, src;
+    struct jwt_provider *p;
+    uint64_t seq;
+    int64_t deadline_ms;
+};
+
+#define JWT_WAIT_POLL_MS 10
+
+static enum filter_status authenticate(struct request *r, const struct jwt_route *rc,
+                                       const char *tok, size_t len, size_t src, int may_wait);
+
+static void wait_cleanup(void *arg)
 {
-    const struct jwt_route *rc = cfg;
-    size_t len = 0, src = 0;
-    /* Whatever happens next, a client's own copy never reaches the upstream. */
-    for (size_t i = 0; i < rc->nhdrs; i++)
-        request_remove_header(r, rc->hdrs[i].header);
-    const char *tok = token_find(r, rc, &len, &src);
-    if (!tok) {
-        if (rc->allow_anonymous)
-            return FILTER_CONTINUE;
-        return refuse(r, rc, 401, NULL, "no token");
+    struct jwt_wait *w = arg;
+    if (w->timer) { /* the request ended while waiting (client gone) */
+        event_free(w->timer);
+        w->timer = NULL;
     }
-    if (len > rc->max_token)
-        return refuse(r, rc, 401, "invalid_token", "token too large");
-    if (len == 0)
-        return refuse(r, rc, 401, "invalid_token", "empty token");
-    struct verdict v = { NULL, 401 };
+}
+
+static void on_wait_timer(evutil_socket_t fd, short what, void *arg)
+{
+    struct jwt_wait *w = arg;
+    if (__atomic_load_n(&w->p->fetches_done, __ATOMIC_ACQUIRE) == w->seq &&
+        monotonic_ms() < w->deadline_ms) {
+        struct timeval tv = { 0, JWT_WAIT_POLL_MS * 1000 };
+        evtimer_add(w->timer, &tv);
+        return;
+    }
+    event_free(w->timer);
+    w->timer = NULL;
+    /* One more try, without waiting again; a refusal is answered inside. */
+    if (authenticate(w->r, w->rc, w->tok, w->len, w->src, 0) == FILTER_CONTINUE)
+        request_resume(w->r);
+}
+
+static enum filter_status wait_for_keys(struct request *r, const struct jwt_route *rc,
+                                        const char *tok, size_t len, size_t src,
+                                        const struct verdict *v)
+{
+    struct jwt_wait *w = request_alloc(r, sizeof(*w));
+    w->r = r;
+    w->rc = rc;
+    w->tok = request_alloc(r, len + 1);
+    memcpy(w->tok, tok, len);
+    w->len = len;
+    w->src = src;
+    w->p = v->wait_for;
+    w->seq = v->seq;
+    w->deadline_ms = monotonic_ms() + w->p->timeout_ms + 100;
+    w->timer = evtimer_new(request_event_base(r), on_wait_timer, w);
+    if (!w->timer)
+        die("jwt_auth: evtimer_new failed");
+    request_cleanup_add(r, wait_cleanup, w);
+    struct timeval tv = { 0, JWT_WAIT_POLL_MS * 1000 };
+    evtimer_add(w->timer, &tv);
+    return FILTER_PAUSED;
+}
+
+/* Verify the token and apply the route's rules. Returns FILTER_CONTINUE,
+ * FILTER_RESPONDED (refused, answered here), or FILTER_PAUSED (may_wait and
+ * the keys are being refetched for this request). */
+static enum filter_status authenticate(struct request *r, const struct jwt_route *rc,
+                                       const char *tok, size_t len, size_t src, int may_wait)
+{
+    struct verdict v = { NULL, 401, NULL, 0 };
     json_t *claims = token_verify(rc->providers, rc->nproviders, tok, len, now_s(), &v);
+    if (!claims && may_wait && v.wait_for)
+        return wait_for_keys(r, rc, tok, len, src, &v);
     if (!claims)
         return refuse(r, rc, v.status, "invalid_token", v.why);
     for (size_t i = 0; i < rc->nrequired; i++) {
@@ -2410,6 +2487,26 @@ static enum filter_status jwt_on_request(struct request *r, void *cfg, void **ct
     else if (!rc->forward_token && rc->src[src].kind == SRC_HEADER)
         request_remove_header(r, rc->src[src].name);
     return FILTER_CONTINUE;
+}
+
+static enum filter_status jwt_on_request(struct request *r, void *cfg, void **ctx)
+{
+    const struct jwt_route *rc = cfg;
+    size_t len = 0, src = 0;
+    /* Whatever happens next, a client's own copy never reaches the upstream. */
+    for (size_t i = 0; i < rc->nhdrs; i++)
+        request_remove_header(r, rc->hdrs[i].header);
+    const char *tok = token_find(r, rc, &len, &src);
+    if (!tok) {
+        if (rc->allow_anonymous)
+            return FILTER_CONTINUE;
+        return refuse(r, rc, 401, NULL, "no token");
+    }
+    if (len > rc->max_token)
+        return refuse(r, rc, 401, "invalid_token", "token too large");
+    if (len == 0)
+        return refuse(r, rc, 401, "invalid_token", "empty token");
+    return authenticate(r, rc, tok, len, src, 1);
 }
 
 const struct module module_jwt_auth = {
