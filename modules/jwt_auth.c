@@ -838,6 +838,7 @@ struct jwt_cache {
 
 #define CACHES_MAX 32
 
+/* A worker thread's caches. */
 struct jwt_caches {
     struct jwt_cache *c[CACHES_MAX];
     size_t n;
@@ -869,18 +870,27 @@ static void caches_key_init(void)
         die("jwt_auth: pthread_key_create failed");
 }
 
+/* This thread's state, created on first use and freed when the thread
+ * exits (the key's destructor). */
+static struct jwt_caches *thread_caches(void)
+{
+    pthread_once(&caches_once, caches_key_init);
+    struct jwt_caches *cs = pthread_getspecific(caches_key);
+    if (!cs) {
+        cs = xcalloc(1, sizeof(*cs));
+        if (pthread_setspecific(caches_key, cs) != 0)
+            die("jwt_auth: pthread_setspecific failed");
+    }
+    return cs;
+}
+
 /* This thread's cache for p, created on first use; NULL when p caches
  * nothing. */
 static struct jwt_cache *cache_for(const struct jwt_provider *p)
 {
     if (!p->cache_size)
         return NULL;
-    pthread_once(&caches_once, caches_key_init);
-    struct jwt_caches *cs = pthread_getspecific(caches_key);
-    if (!cs) {
-        cs = xcalloc(1, sizeof(*cs));
-        pthread_setspecific(caches_key, cs);
-    }
+    struct jwt_caches *cs = thread_caches();
     for (size_t i = 0; i < cs->n; i++)
         if (cs->c[i]->provider_id == p->id)
             return cs->c[i];
@@ -999,6 +1009,23 @@ static void cache_put(const struct jwt_provider *p, const unsigned char *hash, u
 
 /* ---- verification ------------------------------------------------------- */
 
+/* SHA-256 of the token, the cache key. On a cache hit this is most of the
+ * module's work, and OpenSSL 3's EVP digests allocate a provider context at
+ * every init (SHA256() also looks the algorithm up each time), which cost
+ * more than the hashing itself. The low-level SHA-256 functions (deprecated
+ * in 3.0, still shipped by every 3.x) run the same assembly without either.
+ */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+static void token_hash(const char *tok, size_t len, unsigned char *hash)
+{
+    SHA256_CTX c;
+    SHA256_Init(&c);
+    SHA256_Update(&c, tok, len);
+    SHA256_Final(hash, &c);
+}
+#pragma GCC diagnostic pop
+
 /* How a verification ended when it did not succeed. */
 struct verdict {
     const char *why;
@@ -1070,7 +1097,7 @@ static json_t *token_verify(struct jwt_provider *const *providers, size_t n, con
                             size_t len, double now, struct verdict *v)
 {
     unsigned char hash[SHA256_DIGEST_LENGTH];
-    SHA256((const unsigned char *)tok, len, hash);
+    token_hash(tok, len, hash);
     for (size_t i = 0; i < n; i++) {
         json_t *c = cache_get(providers[i], hash, now);
         if (c)
@@ -2302,9 +2329,17 @@ static char *claim_text(struct request *r, json_t *v, int scalar_only)
     char buf[64];
     if (json_is_string(v))
         return request_strdup(r, json_string_value(v));
-    if (json_is_integer(v)) {
-        snprintf(buf, sizeof(buf), "%lld", (long long)json_integer_value(v));
-        return request_strdup(r, buf);
+    if (json_is_integer(v)) { /* exp, iat...: every request, so no printf */
+        json_int_t x = json_integer_value(v);
+        unsigned long long u = x < 0 ? 0ULL - (unsigned long long)x : (unsigned long long)x;
+        char *p = buf + sizeof(buf);
+        *--p = '\0';
+        do
+            *--p = (char)('0' + u % 10);
+        while (u /= 10);
+        if (x < 0)
+            *--p = '-';
+        return request_strdup(r, p);
     }
     if (json_is_real(v)) {
         snprintf(buf, sizeof(buf), "%.17g", json_real_value(v));
@@ -2372,12 +2407,12 @@ static void share_claims(struct request *r, const struct jwt_route *rc, json_t *
 {
     const char *key;
     json_t *v;
-    char name[JWT_CLAIM_NAME_MAX + 8];
+    char name[JWT_CLAIM_NAME_MAX + 8] = "jwt.";
     json_object_foreach (claims, key, v) {
         char *text;
         if (!claim_name_ok(key) || !(text = claim_text(r, v, 1)))
             continue;
-        snprintf(name, sizeof(name), "jwt.%s", key);
+        memcpy(name + 4, key, strlen(key) + 1); /* claim_name_ok: at most 64 */
         request_var_set(r, name, text);
     }
     for (size_t i = 0; i < rc->nhdrs; i++) {
