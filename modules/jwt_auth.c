@@ -26,7 +26,14 @@
  *
  * Verified tokens are cached per worker thread (LRU keyed by SHA-256 of the
  * token, per provider); an entry dies at the token's exp and whenever the
- * provider's key set changes (each set has a unique generation). */
+ * provider's key set changes (each set has a unique generation).
+ *
+ * The file is long because the project's rule is one module, one file, one
+ * exported symbol. Its sections, in order: algorithms, keys and base64url;
+ * JWK to OpenSSL keys; token decoding and signatures; providers and their
+ * key sets; claims; the cache; verification; the jwt_providers config; the
+ * key fetcher; the route config; the hooks. Everything is static, so the
+ * unit test and the fuzz target reach the parts by including this file. */
 #include "module.h"
 #include "log.h"
 
@@ -413,7 +420,14 @@ static int jwk_load(json_t *jwk, unsigned allowed, struct jwt_key *k, const char
             return -1;
         }
         k->kind = KEY_HMAC;
-        mask &= ALGS_HMAC;
+        /* RFC 7518 3.2: a key at least as long as the hash output */
+        mask &= ALG_BIT(HS256) | (k->secret_len >= 48 ? ALG_BIT(HS384) : 0) |
+                (k->secret_len >= 64 ? ALG_BIT(HS512) : 0);
+        if (!mask) {
+            *why = "this oct key is too short for the algorithms accepted (RFC 7518)";
+            key_clear(k);
+            return -1;
+        }
     } else {
         return 0;
     }
@@ -667,8 +681,8 @@ struct jwt_provider {
     /* The fetcher thread's own. */
     struct jwt_global *g;
     struct event *timer;
-    struct evhttp_connection *conn;      /* of the fetch going on */
-    struct evhttp_connection *conn_dead; /* of the last one; freed by the next */
+    struct evhttp_connection *conn;        /* of the request going on */
+    struct evhttp_connection *conn_old[2]; /* finished: discovery's, the JWKS's */
     bool busy, failing, have_hash, stage_discovery;
     unsigned char last_hash[SHA256_DIGEST_LENGTH];
     char *found_jwks_uri; /* from discovery */
@@ -1551,12 +1565,13 @@ static int global_parse(json_t *json, const char *path, void **gcfg, char *err, 
  * Per provider, a fetch is one GET of the JWKS, or with discovery a GET of
  * the openid-configuration and then one of the jwks_uri it names:
  *
- *   idle --timer or early wake--> [discovery] --> jwks --> idle
- *                                      \______________\--> idle (failed: retry
- *                                                               after min_refetch_s)
+ *   idle --(timer | early wake)--> [GET openid-configuration] --> GET jwks --> idle
+ *   success: next fetch after jwks_refresh_s
+ *   any failure: keep the last good set; retry after jwks_min_refetch_s
  *
- * A connection is never freed inside its own callback: the finished one is
- * kept in conn_dead and freed when the next fetch starts or at stop. */
+ * A connection is never freed inside its own callback: a finished one is
+ * parked in conn_old and freed when the next fetch starts (from a timer or
+ * a wake-up, never from an HTTP callback) or at stop. */
 
 static void fetch_start(struct jwt_provider *p);
 
@@ -1615,7 +1630,10 @@ static const char *http_get(struct jwt_provider *p, const char *url)
     char target[2200], hosthdr[300], bare[256];
     snprintf(target, sizeof(target), "%s%s%s", path && *path ? path : "/", query ? "?" : "",
              query ? query : "");
-    snprintf(hosthdr, sizeof(hosthdr), "%s:%d", host, port);
+    if (evhttp_uri_get_port(u) > 0)
+        snprintf(hosthdr, sizeof(hosthdr), "%s:%d", host, port);
+    else
+        snprintf(hosthdr, sizeof(hosthdr), "%s", host);
     /* evhttp keeps the brackets of an IPv6 literal */
     snprintf(bare, sizeof(bare), "%s", host);
     if (bare[0] == '[' && strlen(bare) > 2) {
@@ -1660,14 +1678,26 @@ static const char *http_get(struct jwt_provider *p, const char *url)
     return NULL;
 }
 
-/* Free the connection of an earlier fetch (never the one whose callback is
- * running: that one becomes conn_dead). */
-static void conn_retire(struct jwt_provider *p)
+/* Park the current connection (its callback may be running). */
+static void conn_park(struct jwt_provider *p)
 {
-    if (p->conn_dead)
-        evhttp_connection_free(p->conn_dead);
-    p->conn_dead = p->conn;
+    if (!p->conn)
+        return;
+    if (p->conn_old[0] && p->conn_old[1])
+        die("jwt_auth: more than two connections in one fetch");
+    p->conn_old[p->conn_old[0] ? 1 : 0] = p->conn;
     p->conn = NULL;
+}
+
+/* Free every connection of p; only where none of their callbacks runs. */
+static void conns_free(struct jwt_provider *p)
+{
+    conn_park(p);
+    for (int i = 0; i < 2; i++) {
+        if (p->conn_old[i])
+            evhttp_connection_free(p->conn_old[i]);
+        p->conn_old[i] = NULL;
+    }
 }
 
 /* Discovery answered: take its jwks_uri and fetch that. */
@@ -1735,7 +1765,7 @@ static void on_http_done(struct evhttp_request *req, void *arg)
             failure = discovery_answer(p, body, len);
             if (!failure) {
                 p->stage_discovery = false;
-                conn_retire(p);
+                conn_park(p);
                 failure = http_get(p, p->found_jwks_uri);
                 if (!failure) {
                     free(body);
@@ -1747,7 +1777,7 @@ static void on_http_done(struct evhttp_request *req, void *arg)
         }
         free(body);
     }
-    conn_retire(p);
+    conn_park(p);
     fetch_done(p, failure);
 }
 
@@ -1756,13 +1786,12 @@ static void fetch_start(struct jwt_provider *p)
     if (p->busy)
         return;
     evtimer_del(p->timer);
-    conn_retire(p);
-    conn_retire(p); /* nothing of ours is running: free both */
+    conns_free(p);
     p->busy = true;
     p->stage_discovery = p->discovery_url != NULL;
     const char *why = http_get(p, p->jwks_uri ? p->jwks_uri : p->discovery_url);
     if (why) {
-        conn_retire(p);
+        conn_park(p);
         fetch_done(p, why);
     }
 }
@@ -1807,8 +1836,11 @@ static int global_start(void *gcfg, char *err, size_t errlen)
     if (!g->dns)
         g->dns = evdns_base_new(g->base, 0);
     int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (fd < 0 || !g->dns)
-        return fail(err, errlen, "jwt_auth: cannot set up the key fetcher: %s", strerror(errno));
+    if (fd < 0 || !g->dns) {
+        if (fd >= 0)
+            close(fd);
+        return fail(err, errlen, "jwt_auth: cannot set up the key fetcher");
+    }
     g->wake_ev = event_new(g->base, fd, EV_READ | EV_PERSIST, on_fetcher_wake, g);
     event_add(g->wake_ev, NULL);
     for (size_t i = 0; i < g->n; i++) {
@@ -1840,10 +1872,7 @@ static void global_free(void *arg)
     }
     for (size_t i = 0; i < g->n; i++) {
         struct jwt_provider *p = g->p[i];
-        if (p->conn)
-            evhttp_connection_free(p->conn);
-        if (p->conn_dead)
-            evhttp_connection_free(p->conn_dead);
+        conns_free(p);
         if (p->timer)
             event_free(p->timer);
     }

@@ -686,6 +686,7 @@ static void test_jwk_keys(void)
         { "{'kty': 'RSA', 'alg': 'ES256', 'n': 'AQAB', 'e': 'AQAB'}", 0 },
         { "{'kty': 'oct', 'k': 'c2hvcnQ'}", -1 },
         { "{'kty': 'oct', 'k': '" A1_KEY "', 'alg': 'HS512'}", 0 }, /* allowed: HS256 */
+        { "{'kty': 'oct', 'k': 'a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2traw', 'alg': 'HS256'}", 1 }, /* 40 bytes */
         { "{'kty': 'oct', 'k': '" A1_KEY "', 'alg': 'HS256', 'use': 'sig'}", 1 },
         { "{'kid': 'x'}", -1 },
         { "{'kty': 'RSA', 'kid': 7}", -1 },
@@ -702,6 +703,20 @@ static void test_jwk_keys(void)
             key_clear(&k);
         json_decref(o);
     }
+}
+
+/* An oct key verifies only the HS* whose hash is no longer than it. */
+static void test_oct_key_length(void)
+{
+    struct jwt_key k;
+    const char *why = NULL;
+    json_t *o = j("{'kty': 'oct', 'k': 'a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2traw'}"); /* 40 bytes */
+    CHECK_EQ_INT(jwk_load(o, ALG_BIT(HS512), &k, &why), -1);
+    CHECK(why && strstr(why, "too short"));
+    CHECK_EQ_INT(jwk_load(o, ALGS_HMAC, &k, &why), 1);
+    CHECK(k.alg_mask == ALG_BIT(HS256));
+    key_clear(&k);
+    json_decref(o);
 }
 
 static void test_cookie_query(void)
@@ -735,6 +750,7 @@ int main(void)
     test_route_config();
     test_claims();
     test_jwk_keys();
+    test_oct_key_length();
     test_cookie_query();
     return test_summary();
 }
