@@ -439,7 +439,7 @@ done
 [[ -z ${BENCH_OUT:-} ]] || cp "$RESULTS" "$BENCH_OUT"
 
 echo
-versions="$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}')"
+versions="$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | awk 'NR == 1 {print "HAProxy " $3}')"
 if [[ " ${STARTED[*]} " == *" portico "* ]]; then
     versions="$("$PORTICO_BIN" --version 2>/dev/null | head -1 || echo portico), $versions"
 fi
