@@ -531,6 +531,50 @@ def test_jwks_uri_rotation_outage_and_flood(gateway, keys, keyserver, tmp_path):
     assert g.portico.stderr().count("fetching keys failed:") == 1  # logged once per outage
 
 
+def test_two_workers_share_rotating_keys(gateway, keys, keyserver, tmp_path):
+    """Workers verify concurrently while the fetcher swaps key sets under
+    them (run it under ASan): no error, no mixed-up answer."""
+    import threading
+    d = tmp_path / "mw"
+    d.mkdir()
+    k1, k2 = jwk_of(keys["rsa"][1], "k1"), jwk_of(keys["ES256"][1], "k2")
+    write_jwks(d, k1)
+    srv = keyserver(d)
+    g = gateway(routes=[route("/r/", {"provider": "remote", "claims_to_headers": {"sub": "X-Sub"}})],
+                jwt_providers={"remote": {
+                    "issuer": "https://issuer.test/", "algorithms": ["RS256", "ES256"],
+                    "jwks_uri": "http://127.0.0.1:%d/jwks.json" % srv.port,
+                    "jwks_min_refetch_s": 1, "cache_size": 8}}, workers=2)
+    t1 = [token(good(sub="a%d" % i), "RS256", keys["rsa"][0], kid="k1") for i in range(12)]
+    t2 = token(good(sub="b"), "ES256", keys["ES256"][0], kid="k2")
+    assert wait_status(lambda: call(g, "/r/x", t1[0]), 200).status == 200
+    bad = []
+
+    def worker(n):
+        for i in range(40):
+            tok = t1[(n + i) % len(t1)]
+            r = call(g, "/r/x", tok)
+            if r.status != 200 or r.echoed_headers()["x-sub"] != [json.loads(
+                    base64.urlsafe_b64decode(tok.split(".")[1] + "==="))["sub"]]:
+                bad.append((n, i, r.status))
+            if i % 10 == 5:
+                r = call(g, "/r/x", t2)
+                if r.status not in (200, 401):
+                    bad.append((n, i, "k2", r.status))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for flip in range(4):  # the set changes under the workers
+        time.sleep(0.3)
+        write_jwks(d, k1, k2) if flip % 2 == 0 else write_jwks(d, k2, k1)
+    for t in threads:
+        t.join()
+    assert not bad, bad[:10]
+    time.sleep(1.1)
+    assert wait_status(lambda: call(g, "/r/x", t2), 200).status == 200
+
+
 def test_client_gone_while_waiting_for_keys(gateway, keys, keyserver, tmp_path):
     d = tmp_path / "slow"
     d.mkdir()
