@@ -667,6 +667,7 @@ struct jwt_provider {
     unsigned algs;
     long leeway;
     bool require_exp;
+    char *typ;         /* required header "typ" (RFC 8725 3.11), or NULL */
     size_t cache_size; /* entries per worker; 0: no cache */
 
     pthread_mutex_t lock;    /* held only to read or swap keys (and take a ref) */
@@ -1069,11 +1070,27 @@ static void refetch_and_maybe_wait(struct jwt_provider *p, struct verdict *v)
     }
 }
 
+/* Explicit typing (RFC 8725 3.11): "at+jwt" matches "at+JWT" and
+ * "application/at+jwt" (RFC 7515 4.1.9: the prefix may be left out, media
+ * types compare without case). */
+static int typ_matches(const char *want, const char *typ)
+{
+    if (!typ)
+        return 0;
+    if (strncasecmp(typ, "application/", 12) == 0)
+        typ += 12;
+    return strcasecmp(typ, want) == 0;
+}
+
 /* Verify t against p: algorithm, key, signature, registered claims. On
  * success returns 1 and sets *gen to the key set used. */
 static int provider_verify(struct jwt_provider *p, const struct jwt_token *t, double now,
                            uint64_t *gen, struct verdict *v)
 {
+    if (p->typ && !typ_matches(p->typ, json_string_value(json_object_get(t->header, "typ")))) {
+        v->why = "wrong typ";
+        return 0;
+    }
     if (!(p->algs & ALG_BIT(t->alg))) {
         v->why = "alg not accepted";
         return 0;
@@ -1254,6 +1271,7 @@ static void provider_free(struct jwt_provider *p)
         return;
     free(p->name);
     free(p->issuer);
+    free(p->typ);
     for (size_t i = 0; i < p->naudiences; i++)
         free(p->audiences[i]);
     free(p->audiences);
@@ -1422,7 +1440,7 @@ static int provider_parse(json_t *j, const char *path, struct jwt_provider *p, c
                           size_t errlen)
 {
     static const char known[] =
-        " issuer audiences algorithms leeway_s require_exp cache_size secret public_key "
+        " issuer audiences algorithms leeway_s require_exp typ cache_size secret public_key "
         "jwks_file jwks_uri discovery jwks_refresh_s jwks_min_refetch_s jwks_timeout_ms "
         "jwks_max_bytes ca_file ";
     json_t *v;
@@ -1439,6 +1457,14 @@ static int provider_parse(json_t *j, const char *path, struct jwt_provider *p, c
     if (!json_is_string(v) || json_string_length(v) == 0)
         return fail(err, errlen, "%s.issuer: required, the exact \"iss\" of the tokens", path);
     p->issuer = xstrdup(json_string_value(v));
+    v = json_object_get(j, "typ");
+    if (v && (!json_is_string(v) || json_string_length(v) == 0 || json_string_length(v) > 64))
+        return fail(err, errlen,
+                    "%s.typ: expected the header \"typ\" tokens must carry, like "
+                    "\"at+jwt\"",
+                    path);
+    if (v)
+        p->typ = xstrdup(json_string_value(v));
     v = json_object_get(j, "audiences");
     if (v) {
         if (json_is_string(v)) {

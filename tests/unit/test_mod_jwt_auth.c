@@ -686,7 +686,9 @@ static void test_jwk_keys(void)
         { "{'kty': 'RSA', 'alg': 'ES256', 'n': 'AQAB', 'e': 'AQAB'}", 0 },
         { "{'kty': 'oct', 'k': 'c2hvcnQ'}", -1 },
         { "{'kty': 'oct', 'k': '" A1_KEY "', 'alg': 'HS512'}", 0 }, /* allowed: HS256 */
-        { "{'kty': 'oct', 'k': 'a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2traw', 'alg': 'HS256'}", 1 }, /* 40 bytes */
+        { "{'kty': 'oct', 'k': 'a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2traw', 'alg': "
+          "'HS256'}",
+          1 }, /* 40 bytes */
         { "{'kty': 'oct', 'k': '" A1_KEY "', 'alg': 'HS256', 'use': 'sig'}", 1 },
         { "{'kid': 'x'}", -1 },
         { "{'kty': 'RSA', 'kid': 7}", -1 },
@@ -710,13 +712,39 @@ static void test_oct_key_length(void)
 {
     struct jwt_key k;
     const char *why = NULL;
-    json_t *o = j("{'kty': 'oct', 'k': 'a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2traw'}"); /* 40 bytes */
+    json_t *o =
+        j("{'kty': 'oct', 'k': 'a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2traw'}"); /* 40
+                                                                                               bytes
+                                                                                             */
     CHECK_EQ_INT(jwk_load(o, ALG_BIT(HS512), &k, &why), -1);
     CHECK(why && strstr(why, "too short"));
     CHECK_EQ_INT(jwk_load(o, ALGS_HMAC, &k, &why), 1);
     CHECK(k.alg_mask == ALG_BIT(HS256));
     key_clear(&k);
     json_decref(o);
+}
+
+static void test_typ(void)
+{
+    CHECK(typ_matches("at+jwt", "at+jwt") && typ_matches("at+jwt", "AT+JWT") &&
+          typ_matches("at+jwt", "application/at+jwt"));
+    CHECK(!typ_matches("at+jwt", NULL) && !typ_matches("at+jwt", "JWT") &&
+          !typ_matches("at+jwt", "application/") && !typ_matches("at+jwt", "at+jwt "));
+    struct jwt_global *g = providers("{'joe': {'issuer': 'joe', 'algorithms': ['HS256'], 'typ': "
+                                     "'at+jwt', 'jwks_file': '{\\\"keys\\\": [{\\\"kty\\\": "
+                                     "\\\"oct\\\", \\\"k\\\": \\\"" A1_KEY "\\\"}]}'}}");
+    CHECK(g != NULL);
+    if (g) {
+        jwt_clock = fixed_clock;
+        fixed_now = A1_EXP - 100;
+        const char *why = verify(g, A1_TOKEN); /* its typ is "JWT" */
+        CHECK(why && strcmp(why, "wrong typ") == 0);
+        jwt_clock = NULL;
+    }
+    global_free(g);
+    providers_refused("{'p': {'issuer': 'i', 'algorithms': ['RS256'], 'typ': 3, "
+                      "'jwks_uri': 'http://x/'}}",
+                      "jwt_providers.p.typ:", "at+jwt");
 }
 
 static void test_cookie_query(void)
@@ -751,6 +779,7 @@ int main(void)
     test_claims();
     test_jwk_keys();
     test_oct_key_length();
+    test_typ();
     test_cookie_query();
     return test_summary();
 }
