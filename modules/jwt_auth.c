@@ -2044,7 +2044,7 @@ static int route_providers(json_t *j, const char *path, struct jwt_global *g, st
         struct jwt_provider *p = provider_find(g, json_string_value(v));
         if (!p)
             return fail(err, errlen, "%s: no provider named \"%.64s\" in jwt_providers%s", where,
-                        json_string_value(v), g ? "" : " (the section is missing)");
+                        json_string_value(v), g ? "" : " (the section is missing or invalid)");
         for (size_t k = 0; k < rc->nproviders; k++)
             if (rc->providers[k] == p)
                 return fail(err, errlen, "%s: \"%.64s\" is listed twice", where, p->name);

@@ -457,7 +457,7 @@ static void test_route_config(void)
     route_refused("{'provider': 'a', 'scopes': []}", ".scopes", "unknown key");
     global_free(route_g);
     route_g = NULL;
-    route_refused("{'provider': 'a'}", ".provider", "the section is missing");
+    route_refused("{'provider': 'a'}", ".provider", "the section is missing or invalid");
 }
 
 /* ---- claims ----------------------------------------------------------------- */
