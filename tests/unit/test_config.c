@@ -730,6 +730,9 @@ static void load_dir(const char *sub)
             continue;
         char path[2048];
         snprintf(path, sizeof(path), "%s/%s", dir, de->d_name);
+        /* An example of a module left out of this build cannot load. */
+        if (strcmp(de->d_name, "jwt.json") == 0 && !modules_find("jwt_auth"))
+            continue;
         struct config_errors e = { 0 };
         struct config *c = config_load(path, &e);
         if (!c) {
