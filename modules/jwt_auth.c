@@ -2152,6 +2152,7 @@ static int route_rules(json_t *j, const char *path, struct jwt_route *rc, char *
                             "boolean",
                             path, claim);
             r->op = RULE_EQUALS;
+            json_incref(val);
         } else if (strcmp(op, "one_of") == 0 || strcmp(op, "contains") == 0) {
             int contains = op[0] == 'c';
             size_t i;
@@ -2173,17 +2174,13 @@ static int route_rules(json_t *j, const char *path, struct jwt_route *rc, char *
                 }
             }
             r->op = contains ? RULE_CONTAINS : RULE_ONE_OF;
-            r->value = val;
-            r->claim = xstrdup(claim);
-            rc->nrules++;
-            continue;
         } else {
             return fail(err, errlen,
                         "%s.claims.%s.%.32s: unknown rule (known: equals, one_of, "
                         "contains)",
                         path, claim, op);
         }
-        r->value = json_incref(val);
+        r->value = val; /* a reference of our own, or a new list */
         r->claim = xstrdup(claim);
         rc->nrules++;
     }
