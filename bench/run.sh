@@ -12,14 +12,17 @@
 #                    the table shows the median of the rounds
 #   BENCH_CONNS      wrk connections (default 64)
 #   BENCH_PROXIES    subset/order of "portico nginx haproxy"
-#   BENCH_CASES      subset of "small 4k 64k close filters ratelimit"
-#                    (default: all but filters and ratelimit). "filters"
+#   BENCH_CASES      subset of "small 4k 64k close filters ratelimit jwt"
+#                    (default: all but filters, ratelimit and jwt). "filters"
 #                    measures Portico alone: the route without filters vs
 #                    the same route with request_id, headers and cors, and
 #                    prints the ratio (goal >= 0.95). "ratelimit": the route
 #                    without filters vs one rate_limit kept in process vs
 #                    one in Redis (a redis-server is started), with Redis
-#                    commands per request (goals 0.97 and 0.85)
+#                    commands per request (goals 0.97 and 0.85). "jwt":
+#                    the route without auth vs jwt_auth with RS256 and
+#                    ES256 tokens, with and without the verified-token
+#                    cache (goal with it >= 0.90)
 #   BENCH_PROXY_CPU  core for the proxy under test (default 0)
 #   BENCH_LOAD_CPU   core for the origin and wrk (default 1)
 #   BENCH_OUT        if set, the raw results (TSV) are copied there
@@ -56,12 +59,14 @@ for p in "${PROXIES[@]}"; do
 done
 FILTERS=0
 RATELIMIT=0
+JWT=0
 CMP_CASES=() # the cases that compare the proxies (all but "filters")
 for c in "${CASES[@]}"; do
     case $c in
         small | 4k | 64k | close) CMP_CASES+=("$c") ;;
         filters) FILTERS=1 ;;
         ratelimit) RATELIMIT=1 ;;
+        jwt) JWT=1 ;;
         *) die "unknown case '$c' in BENCH_CASES" ;;
     esac
 done
@@ -79,7 +84,14 @@ if ((RATELIMIT)); then
     PORT[portico_rl_redis]=18806
     PORT_REDIS=18807
 fi
-if [[ " ${PROXIES[*]} " == *" portico "* ]] || ((FILTERS)) || ((RATELIMIT)); then
+# The jwt case's runners: one Portico (portico_jwt), one route each.
+JWT_RUNNERS=(jwt_none jwt_rs jwt_rs_nocache jwt_es jwt_es_nocache)
+declare -A RUNNER_PROC=()
+if ((JWT)); then
+    PORT[portico_jwt]=18808
+    for r in "${JWT_RUNNERS[@]}"; do RUNNER_PROC[$r]=portico_jwt; done
+fi
+if [[ " ${PROXIES[*]} " == *" portico "* ]] || ((FILTERS)) || ((RATELIMIT)) || ((JWT)); then
     [[ -x $PORTICO_BIN ]] || die "no Portico binary at $PORTICO_BIN: build it (tests/run-all.sh or \
 cd build && ../configure && make) or set PORTICO_BIN"
 fi
@@ -192,6 +204,15 @@ start_proxy() {
             start portico "$PROXY_CPU" "$dir/portico.log" "$PORTICO_BIN" -c "$dir/portico.json"
             wait_up portico "${PORT[portico]}" "$dir/portico.log"
             ;;
+        portico_jwt)
+            mkdir -p "$dir"
+            make_jwt_tokens "$dir"
+            render portico-jwt.json "$dir/portico.json" "$dir" "${PORT[$p]}"
+            "$PORTICO_BIN" -t -c "$dir/portico.json" >"$dir/check.log" 2>&1 ||
+                die "portico rejects $dir/portico.json (is jwt_auth built in?): $(cat "$dir/check.log")"
+            start "$p" "$PROXY_CPU" "$dir/portico.log" "$PORTICO_BIN" -c "$dir/portico.json"
+            wait_up "$p" "${PORT[$p]}" "$dir/portico.log"
+            ;;
         portico_filters)
             mkdir -p "$dir"
             render portico-filters.json "$dir/portico.json" "$dir" "${PORT[$p]}"
@@ -211,6 +232,67 @@ start_proxy() {
             wait_up "$p" "${PORT[$p]}" "$dir/portico.log"
             ;;
     esac
+}
+
+# make_jwt_tokens DIR: an RSA and a P-256 key pair (public halves for the
+# providers) and one long-lived token for each, made with python3 and the
+# openssl command.
+make_jwt_tokens() {
+    local d=$1
+    openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$d/rs.key" 2>/dev/null
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$d/es.key" 2>/dev/null
+    openssl pkey -in "$d/rs.key" -pubout -out "$d/rs.pub"
+    openssl pkey -in "$d/es.key" -pubout -out "$d/es.pub"
+    "$PY" - "$d" <<'PYEOF'
+import base64, json, subprocess, sys, time
+d = sys.argv[1]
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+claims = {"iss": "bench", "aud": "api", "sub": "bench-user", "exp": int(time.time()) + 86400,
+          "iat": int(time.time()) - 10, "scope": "read write"}
+for alg, key in (("RS256", "rs"), ("ES256", "es")):
+    msg = b64(json.dumps({"alg": alg, "typ": "JWT"}).encode()) + "." + b64(json.dumps(claims).encode())
+    sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", "%s/%s.key" % (d, key)],
+                         input=msg.encode(), capture_output=True, check=True).stdout
+    if alg == "ES256":  # DER SEQUENCE{r, s} -> r||s
+        i, raw = 2, b""
+        for _ in range(2):
+            n = sig[i + 1]
+            raw += sig[i + 2:i + 2 + n].lstrip(b"\0").rjust(32, b"\0")
+            i += 2 + n
+        sig = raw
+    open("%s/%s.token" % (d, key), "w").write(msg + "." + b64(sig))
+PYEOF
+}
+
+# jwt_path_of RUNNER / jwt_token_of RUNNER: what the jwt case's runner asks.
+jwt_path_of() {
+    case $1 in
+        jwt_none) echo /small ;;
+        jwt_rs) echo /rs/small ;;
+        jwt_rs_nocache) echo /rs-nocache/small ;;
+        jwt_es) echo /es/small ;;
+        jwt_es_nocache) echo /es-nocache/small ;;
+    esac
+}
+jwt_token_of() {
+    # jwt_none sends a token too (ignored): the same request bytes as jwt_rs
+    case $1 in jwt_none | jwt_rs*) cat "$TMP/portico_jwt/rs.token" ;; jwt_es*) cat "$TMP/portico_jwt/es.token" ;; esac
+}
+
+# verify_jwt PORT: each jwt route answers the origin's body with its token,
+# and 401 without one.
+verify_jwt() {
+    local r url code got=$TMP/verify.body
+    for r in "${JWT_RUNNERS[@]}"; do
+        url="http://127.0.0.1:$1$(jwt_path_of "$r")"
+        code=$(curl -sS --max-time 5 -H "Authorization: Bearer $(jwt_token_of "$r")" -o "$got" \
+            -w '%{http_code}' "$url" 2>&1) || die "$r: GET $url failed: $code"
+        [[ $code == 200 ]] && cmp -s "$got" "$TMP/origin/small.expected" ||
+            die "$r: GET $url with its token answered $code, not the origin's body"
+        [[ $r == jwt_none ]] && continue
+        code=$(curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "$url" 2>&1)
+        [[ $code == 401 ]] || die "$r: GET $url without a token answered $code, expected 401"
+    done
 }
 
 # ---------------------------------------------------------------- correctness
@@ -295,13 +377,17 @@ cpu_ticks() {
     echo "$total"
 }
 
-# wrk_run PORT CASE SECONDS OUTFILE
+# wrk_run PORT CASE SECONDS OUTFILE [RUNNER]
 wrk_run() {
     local url hdr=()
     url="http://127.0.0.1:$1$(path_of "$2")"
     [[ $2 != close ]] || hdr=(-H "Connection: close")
     [[ $2 != filters ]] || hdr=(-H "Origin: $FILTER_ORIGIN")
     [[ $2 != over ]] || url="http://127.0.0.1:$1/over"
+    if [[ $2 == jwt ]]; then
+        url="http://127.0.0.1:$1$(jwt_path_of "$5")"
+        hdr=(-H "Authorization: Bearer $(jwt_token_of "$5")")
+    fi
     taskset -c "$LOAD_CPU" wrk -t1 -c"$BENCH_CONNS" -d"$3"s --latency "${hdr[@]}" "$url" >"$4" 2>&1
 }
 
@@ -316,19 +402,19 @@ to_us() {
 RESULTS=$TMP/results.tsv
 printf 'case\tproxy\tround\trps\tp50_us\tp99_us\tcpu_pct\tcpu_us_per_req\terrors\n' >"$RESULTS"
 
-measure() { # measure CASE PROXY ROUND
-    local c=$1 p=$2 r=$3 out=$TMP/wrk-$1-$2-$3.txt
-    wrk_run "${PORT[$p]}" "$c" "$BENCH_WARMUP" "$TMP/warmup.txt" ||
+measure() { # measure CASE PROXY ROUND (PROXY: a proxy, or a runner of the jwt case)
+    local c=$1 p=$2 r=$3 out=$TMP/wrk-$1-$2-$3.txt proc=${RUNNER_PROC[$2]:-$2}
+    wrk_run "${PORT[$proc]}" "$c" "$BENCH_WARMUP" "$TMP/warmup.txt" "$p" ||
         die "$p/$c: wrk warm-up failed: $(cat "$TMP/warmup.txt")"
     local t0 t1 n0 n1 rc0=0 rc1=0
     [[ $p != portico_rl_redis ]] || rc0=$(redis_calls)
-    t0=$(cpu_ticks "${PID[$p]}")
+    t0=$(cpu_ticks "${PID[$proc]}")
     n0=$(date +%s%N)
-    wrk_run "${PORT[$p]}" "$c" "$BENCH_SECONDS" "$out" || die "$p/$c: wrk failed: $(cat "$out")"
+    wrk_run "${PORT[$proc]}" "$c" "$BENCH_SECONDS" "$out" "$p" || die "$p/$c: wrk failed: $(cat "$out")"
     n1=$(date +%s%N)
-    t1=$(cpu_ticks "${PID[$p]}")
+    t1=$(cpu_ticks "${PID[$proc]}")
     [[ $p != portico_rl_redis ]] || rc1=$(redis_calls)
-    kill -0 "${PID[$p]}" 2>/dev/null || die "$p died during the $c run (see $TMP/$p/)"
+    kill -0 "${PID[$proc]}" 2>/dev/null || die "$p died during the $c run (see $TMP/$proc/)"
 
     local rps reqs p50 p99 non2xx sockerr
     rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
@@ -377,25 +463,30 @@ if ((RATELIMIT)); then
         --bind 127.0.0.1 --save '' --appendonly no --dir "$TMP/redis"
     wait_up redis "$PORT_REDIS" "$TMP/redis/redis.log"
 fi
+((!JWT)) || STARTED+=(portico_jwt)
 for p in "${STARTED[@]}"; do
     start_proxy "$p"
     verify "$p" "${PORT[$p]}"
     [[ $p != portico_filters ]] || verify_filters "${PORT[$p]}"
     [[ $p != portico_rl_* ]] || verify_ratelimit "$p" "${PORT[$p]}"
+    [[ $p != portico_jwt ]] || verify_jwt "${PORT[$p]}"
     log "$p answers correctly on port ${PORT[$p]}"
 done
 
-total=$(( (${#CMP_CASES[@]} * ${#PROXIES[@]} + 2 * FILTERS + 3 * RATELIMIT) * BENCH_ROUNDS * (BENCH_SECONDS + BENCH_WARMUP) ))
+total=$(( (${#CMP_CASES[@]} * ${#PROXIES[@]} + 2 * FILTERS + 3 * RATELIMIT + ${#JWT_RUNNERS[@]} * JWT) * BENCH_ROUNDS * (BENCH_SECONDS + BENCH_WARMUP) ))
 what="${CMP_CASES[*]} x ${PROXIES[*]}"
 ((${#CMP_CASES[@]})) || what=""
 ((!FILTERS)) || what="${what:+$what, }filters x portico portico_filters"
 ((!RATELIMIT)) || what="${what:+$what, }ratelimit x portico portico_rl_local portico_rl_redis"
+((!JWT)) || what="${what:+$what, }jwt x ${JWT_RUNNERS[*]}"
 log "measuring: $what x $BENCH_ROUNDS round(s), about ${total}s"
 for c in "${CASES[@]}"; do
     if [[ $c == filters ]]; then
         runners=(portico portico_filters)
     elif [[ $c == ratelimit ]]; then
         runners=(portico portico_rl_local portico_rl_redis)
+    elif [[ $c == jwt ]]; then
+        runners=("${JWT_RUNNERS[@]}")
     else
         runners=("${PROXIES[@]}")
     fi
@@ -421,7 +512,7 @@ fi
 [[ -z ${BENCH_OUT:-} ]] || cp "$RESULTS" "$BENCH_OUT"
 
 echo
-versions="$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}')"
+versions="$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | awk 'NR == 1 {print "HAProxy " $3}')"
 if [[ " ${STARTED[*]} " == *" portico "* ]]; then
     versions="$("$PORTICO_BIN" --version 2>/dev/null | head -1 || echo portico), $versions"
 fi
@@ -452,8 +543,8 @@ for c in cases:
         print("%-*s %-*s %11.0f %9.0f %9.0f %5.0f %11.2f %7d" % (
             cw, c, pw, p, m(rs, "rps"), m(rs, "p50_us"), m(rs, "p99_us"), m(rs, "cpu_pct"),
             m(rs, "cpu_us_per_req"), sum(int(x["errors"]) for x in rs)))
-others = [p for p in proxies if p != "portico" and p not in TWINS]
-if any(c not in ("filters", "ratelimit") and (c, "portico") in med for c in cases) and others:
+others = [p for p in proxies if p != "portico" and p not in TWINS and not p.startswith("jwt_")]
+if any(c not in ("filters", "ratelimit", "jwt") and (c, "portico") in med for c in cases) and others:
     print()
     cols = []
     for o in others:
@@ -508,6 +599,19 @@ if ("ratelimit", "portico") in med:
     if over:
         print("  Redis commands per request for a key known to be over: %.4f (%d calls, %d requests)" % (
             over[0][1] / max(1, over[0][0]), over[0][1], over[0][0]))
+if ("jwt", "jwt_none") in med:
+    base = med[("jwt", "jwt_none")]
+    print()
+    print("jwt: jwt_auth vs the same Portico route without auth (goal with the cache >= 0.90)")
+    for name, label in (("jwt_rs", "RS256, cache"), ("jwt_rs_nocache", "RS256, no cache"),
+                        ("jwt_es", "ES256, cache"), ("jwt_es_nocache", "ES256, no cache")):
+        if ("jwt", name) not in med:
+            continue
+        rs = med[("jwt", name)]
+        rr = m(rs, "rps") / m(base, "rps") if m(base, "rps") else 0
+        cr = m(base, "cpu_us_per_req") / m(rs, "cpu_us_per_req") if m(rs, "cpu_us_per_req") else 0
+        below = "cache" in label and "no cache" not in label and min(rr, cr) < 0.90
+        print("  %-16s req/s %.2fx, per-CPU %.2fx%s" % (label, rr, cr, "  BELOW GOAL" if below else ""))
 if any(int(r["errors"]) for r in rows):
     print("\nWARNING: some runs had errors (non-2xx or socket errors): see the log above.")
 EOF

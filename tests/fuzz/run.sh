@@ -27,10 +27,12 @@ declare -A SOURCES=(
     [fuzz_http1]="src/http1.c src/log.c"
     [fuzz_uri]="src/uri.c src/log.c"
     [fuzz_config]="src/config.c src/config_subst.c src/config_lines.c src/addr.c src/router.c src/uri.c src/http1.c src/log.c tests/fuzz/no_modules.c"
+    [fuzz_jwt]="src/log.c"
 )
 # pkg-config packages a target needs.
 declare -A PKGS=(
     [fuzz_config]="jansson"
+    [fuzz_jwt]="jansson openssl libevent libevent_openssl"
 )
 
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}

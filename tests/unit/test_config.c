@@ -335,9 +335,14 @@ static void test_not_yet(void)
                  "upstreams.a.balance: \"least_conn\" is not supported by this build yet");
     EXPECT_ERROR("{" LISTEN ", 'routes': [{'path': '/', 'respond': {'status': 200}, 'websocket': true}]}",
                  "routes[0].websocket: not supported by this build yet");
-    EXPECT_ERROR("{" LISTEN ", " UPS ", 'routes': [{'path': '/', 'upstream': 'app',"
-                 " 'filters': [{'request_id': {}}, {'jwt_auth': {'providers': ['main']}}]}]}",
-                 "routes[0].filters[1]: module \"jwt_auth\" is not built into this binary");
+    if (!modules_find("jwt_auth"))
+        EXPECT_ERROR("{" LISTEN ", " UPS ", 'routes': [{'path': '/', 'upstream': 'app',"
+                     " 'filters': [{'request_id': {}}, {'jwt_auth': {'providers': ['main']}}]}]}",
+                     "routes[0].filters[1]: module \"jwt_auth\" is not built into this binary");
+    else
+        EXPECT_ERROR("{" LISTEN ", " UPS ", 'routes': [{'path': '/', 'upstream': 'app',"
+                     " 'filters': [{'request_id': {}}, {'jwt_auth': {'providers': ['main']}}]}]}",
+                     "routes[0].filters[1].jwt_auth.providers[0]: no provider named \"main\"");
     EXPECT_ERROR("{" LISTEN ", 'routes': [{'path': '/', 'respond': {'status': 200}, 'filters': ['cors']}]}",
                  "routes[0].filters[0]: expected an object");
     EXPECT_ERROR("{" LISTEN ", 'routes': [{'path': '/', 'respond': {'status': 200}, 'filters': [{'a': {}, 'b': {}}]}]}",
@@ -752,6 +757,9 @@ static void load_dir(const char *sub)
             continue;
         char path[2048];
         snprintf(path, sizeof(path), "%s/%s", dir, de->d_name);
+        /* An example of a module left out of this build cannot load. */
+        if (strcmp(de->d_name, "jwt.json") == 0 && !modules_find("jwt_auth"))
+            continue;
         struct config_errors e = { 0 };
         struct config *c = config_load(path, &e);
         /* An example of a module left out of this build is refused by
