@@ -337,6 +337,7 @@ def retry_config(tmp_path, portico_bin, fleet_env):
                        env=fleet_env, timeout=10)
     if r.returncode != 0 and "retry" in r.stderr:
         return None, r.stderr
+    assert r.returncode == 0, "the example config with retries is invalid:\n" + r.stderr
     return path, r.stderr
 
 
