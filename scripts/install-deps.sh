@@ -13,13 +13,20 @@ RUNTIME_PKGS=(
     libevent-dev libssl-dev libjansson-dev libjwt-dev libhiredis-dev
 )
 # Tests (unit, e2e, sanitizers, fuzzing, style), the benchmark, and the
-# tools the scripts call (curl, taskset in util-linux, pkill/fuser, git).
+# tools the scripts call (curl, taskset in util-linux, pkill/fuser, git);
+# building and checking the .deb (dpkg-dev, debhelper, lintian,
+# systemd-analyze in systemd, man-db, logrotate), the Kubernetes manifest
+# test (python3-yaml) and the Django example fleet (Django REST framework
+# under gunicorn, RS256 tokens with python3-jwt).
 FULL_PKGS=(
     "${RUNTIME_PKGS[@]}"
     clang libclang-rt-14-dev clang-format
     python3 python3-pytest python3-prometheus-client
     redis-server curl wrk nginx-light haproxy openssl
     git procps psmisc util-linux
+    dpkg-dev debhelper lintian systemd man-db logrotate python3-yaml
+    python3-django python3-djangorestframework gunicorn python3-jwt
+    python3-cryptography
 )
 
 usage() { echo "usage: $0 [--runtime]" >&2; exit 2; }

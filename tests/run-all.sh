@@ -5,13 +5,18 @@
 # programs, e2e tests (both runs) and fuzz targets.
 #
 # Steps: deps, style (warns only), release build, unit tests, e2e tests,
-# ASan+UBSan build with its unit and e2e tests, fuzzing, make distcheck.
+# the Debian package (build, install, check), ASan+UBSan build with its
+# unit and e2e tests, fuzzing, make distcheck.
 #
 # Environment:
 #   JOBS=2             parallel make jobs
 #   FUZZ_SECONDS=60    seconds per fuzz target
 #   E2E_TIMEOUT=600    seconds before an e2e run is killed
 #   SKIP_DISTCHECK=1   skip make distcheck
+#   PORTICO_CI_DEB=1   build, install (dpkg -i) and check the .deb even when
+#                      CI is not set; it runs only as root, and changes the
+#                      machine (CI's is thrown away): without CI=1/true or
+#                      this, the step says so and skips
 #
 # Builds go to ./build and ./build-asan (out of tree). An in-tree build left
 # by scripts/dev-start.sh is cleaned first (make distclean): autotools
@@ -33,7 +38,7 @@ SAN_ENV=(ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 RESULTS=$(mktemp /tmp/portico-results.XXXXXX)
 CURRENT_STEP=""
 STEP_NO=0
-STEP_TOTAL=10
+STEP_TOTAL=11
 T_START=$SECONDS
 
 pass() { echo "PASS $*" >>"$RESULTS"; }
@@ -224,6 +229,81 @@ do_e2e() {
     run_e2e e2e "$ROOT/build/src/portico" "$ROOT/build/e2e-logs"
 }
 
+# The .deb as CI ships it: build it (a release build; the tests ran above,
+# so none inside dpkg-buildpackage), install it into this machine, and
+# check what got installed: the config passes portico -t, it is a
+# conffile, the service user exists, systemd-analyze verify accepts the
+# unit, lintian finds no error. When systemd runs the machine, the service
+# is also started, asked for its page, reloaded and stopped.
+do_deb() {
+    if [[ $(id -u) -ne 0 ]] || [[ ${CI:-} != 1 && ${CI:-} != true && ${PORTICO_CI_DEB:-} != 1 ]]; then
+        echo "deb: skipped: it installs the package into this machine (dpkg -i), so it runs only"
+        echo "     as root on a throwaway machine: CI=1 (or true), or PORTICO_CI_DEB=1"
+        return
+    fi
+    local out=$ROOT/build/deb deb unit=/lib/systemd/system/portico.service
+    rm -rf "$out"
+    if ! deb=$(DEB_BUILD_OPTIONS="nocheck parallel=$JOBS" bash packaging/build-deb.sh "$out" | tail -n 1) ||
+        [[ ! -f $deb ]]; then
+        fail "deb: packaging/build-deb.sh built no .deb"
+        return
+    fi
+    pass "deb: build"
+    echo "deb: $deb"
+    dpkg-deb -c "$deb"
+    if ! dpkg -i "$deb"; then
+        fail "deb: dpkg -i $deb"
+        return
+    fi
+    pass "deb: install"
+    if /usr/sbin/portico -t -c /etc/portico/portico.json; then
+        pass "deb: portico -t on the installed config"
+    else
+        fail "deb: portico -t -c /etc/portico/portico.json"
+    fi
+    if dpkg-query -W -f='${Conffiles}\n' portico | grep -q '^ /etc/portico/portico.json '; then
+        pass "deb: the config is a conffile"
+    else
+        fail "deb: /etc/portico/portico.json is not a conffile"
+    fi
+    if getent passwd portico >/dev/null; then
+        pass "deb: the portico user exists"
+    else
+        fail "deb: postinst created no portico user"
+    fi
+    # Documentation=man:... is checked only where man can look it up.
+    local man=()
+    command -v man >/dev/null || man=(--man=no)
+    if systemd-analyze verify "${man[@]}" "$unit"; then
+        pass "deb: systemd-analyze verify"
+    else
+        fail "deb: systemd-analyze verify $unit"
+    fi
+    systemd-analyze security --offline=yes "$unit" 2>/dev/null | tail -n 1 || true
+    if lintian --fail-on error "$deb"; then
+        pass "deb: lintian (no errors)"
+    else
+        fail "deb: lintian reports errors"
+    fi
+    if [[ -d /run/systemd/system ]]; then
+        local ok=1
+        systemctl restart portico.service || ok=0
+        sleep 1
+        curl -fsS http://127.0.0.1:8080/ | grep -q 'portico is running' || ok=0
+        systemctl reload portico.service || ok=0
+        systemctl is-active --quiet portico.service || ok=0
+        [[ $ok -eq 1 ]] || journalctl -u portico.service -n 30 --no-pager || true
+        systemctl stop portico.service || ok=0
+        if [[ $ok -eq 1 ]]; then
+            pass "deb: the service starts sandboxed, serves, reloads, stops"
+        else
+            fail "deb: the service did not start, serve, reload and stop (journal above)"
+        fi
+    else
+        echo "deb: systemd is not running this machine: the unit was verified, not started"
+    fi
+}
+
 do_asan_build() {
     mkdir -p build-asan
     (cd build-asan && ../configure -q --enable-sanitizers CC=clang && make -j"$JOBS")
@@ -262,6 +342,7 @@ step "style: clang-format (warning only, does not fail yet)" do_style
 step "release build (./build)" do_build
 step "unit tests (release)" do_unit
 step "e2e tests (release)" do_e2e
+step "Debian package: build, install, check" do_deb
 step "ASan+UBSan build (./build-asan, clang)" do_asan_build
 step "unit tests (ASan+UBSan)" do_asan_unit
 step "e2e tests (ASan+UBSan)" do_asan_e2e
