@@ -60,7 +60,8 @@ class Fleet:
     def __init__(self, tmp_path, args=(), portico_bin=None, config=None):
         self.state = tmp_path / "state"
         self.ports = {k: free_port() for k in
-                      ("PORTICO_PORT", "USERS_PORT", "ORDERS1_PORT", "ORDERS2_PORT", "REDIS_PORT")}
+                      ("PORTICO_PORT", "PORTICO_ADMIN_PORT", "USERS_PORT", "ORDERS1_PORT",
+                       "ORDERS2_PORT", "REDIS_PORT")}
         env = dict(os.environ, STATE_DIR=str(self.state), **{k: str(v) for k, v in self.ports.items()})
         if portico_bin:
             env["PORTICO"] = portico_bin
@@ -297,6 +298,8 @@ def test_fleet_end_to_end(fleet, tmp_path):
     assert [o["item"] for o in r.json()["results"]] == ["book"]
     r = call(port, "GET", "/api/users/me", headers=alice)
     assert r.status == 200 and r.json()["username"] == "alice", r
+    # The admin API the container HEALTHCHECK asks.
+    assert util.get(fleet.ports["PORTICO_ADMIN_PORT"], "/healthz").status == 200
     # No token, a garbage token, a token signed by another key: 401 at Portico.
     assert call(port, "GET", "/api/orders/").status == 401
     assert call(port, "GET", "/api/orders/", headers={"Authorization": "Bearer x.y.z"}).status == 401

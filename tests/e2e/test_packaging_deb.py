@@ -2,7 +2,7 @@
 step does that, as root): the systemd unit's commands and sandbox, with
 systemd-analyze verify on it pointed at the binary under test; the manual
 pages against the real command line and docs/config.md; the man page's
-example config through portico -t; logrotate; versions and build
+example config through portico -t; logrotate (SIGUSR1 reopens); versions and build
 dependencies in step with configure.ac and scripts/install-deps.sh."""
 import re
 import shutil
@@ -84,7 +84,8 @@ def test_man_page_portico_8_matches_the_command_line(portico_bin):
     for o in opts:
         assert ".B \\-%s" % o in page or ".BI \\-%s" % o in page, "-%s not documented" % o
     for sig in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1"):
-        assert sig in page
+        assert sig in page, sig
+    assert "does not reload" not in page
     assert CONF in page
 
 
@@ -105,8 +106,8 @@ def test_man_page_portico_json_5_names_every_documented_key():
     keys = config_md_keys()
     assert {"Top level", "listeners", "limits", "upstreams", "routes"} <= set(keys), keys.keys()
     missing = []
-    for section in ("Top level", "listeners", "limits", "access_log", "upstreams", "routes",
-                    "respond"):
+    for section in ("Top level", "listeners", "limits", "access_log", "admin", "upstreams",
+                    "routes", "respond"):
         for k in keys.get(section, []):
             if not re.search(r"\.BR? %s\b" % re.escape(k), page):
                 missing.append("%s.%s" % (section, k))
@@ -132,15 +133,17 @@ def test_man_pages_render_without_warnings(page):
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
 
 
-def test_logrotate_truncates_in_place(tmp_path):
+def test_logrotate_moves_the_file_and_signals_a_reopen(tmp_path):
     text = (DEB / "portico.logrotate").read_text()
     body = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
-    # No SIGUSR1 until Portico can reopen its log: it would terminate it.
-    assert "copytruncate" in body and "postrotate" not in body and "USR1" not in body
+    # Portico reopens its access log on SIGUSR1: rotate by moving the file.
+    assert "copytruncate" not in body
+    post = body.split("postrotate", 1)[1].split("endscript", 1)[0]
+    assert "--signal=USR1" in post and "--kill-whom=main" in post and "portico.service" in post
     if shutil.which("logrotate"):
         conf = tmp_path / "portico"
         conf.write_text(body.replace("/var/log/portico", str(tmp_path)).replace(
-            "su portico portico", ""))
+            "su portico portico", "").replace("create 0640 portico portico", "create 0640"))
         r = subprocess.run(["logrotate", "-d", "-s", str(tmp_path / "state"), str(conf)],
                            capture_output=True, text=True)
         assert r.returncode == 0 and "error" not in r.stderr.lower(), r.stderr

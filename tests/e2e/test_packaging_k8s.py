@@ -123,8 +123,16 @@ def test_portico_deployment_replicas_drain_and_user():
     cm = vols[cfg_mount[0]["name"]]["configMap"]["name"]
     assert cfg_mount[0]["subPath"] in one("ConfigMap", cm)["data"]
     # The listener is the container's port, and the Service targets it.
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     port = int(cfg["listeners"][0]["address"].rsplit(":", 1)[1])
-    assert port in [p["containerPort"] for p in c["ports"]]
+    assert port in ports.values()
+    # Probes ask the admin API: readiness /readyz (503 while draining),
+    # liveness /healthz, on the port the config's admin listener has.
+    admin = int(cfg["admin"]["address"].rsplit(":", 1)[1])
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path, (probe, get)
+        assert ports.get(get["port"], get["port"]) == admin, (probe, get)
 
 
 def secret_files():
