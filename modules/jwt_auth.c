@@ -1619,6 +1619,8 @@ static void fetch_done(struct jwt_provider *p, const char *failure)
 {
     p->busy = false;
     __atomic_add_fetch(&p->fetches_done, 1, __ATOMIC_RELEASE);
+    module_metric_add("portico_jwt_key_fetches_total", 1, "provider", p->name, "result",
+                      failure ? "failed" : "ok");
     if (failure) {
         unsigned long long n = __atomic_add_fetch(&p->fetch_failures, 1, __ATOMIC_RELAXED);
         /* Logged once per run of failures, not at every retry. */
@@ -2377,6 +2379,10 @@ static enum filter_status refuse(struct request *r, const struct jwt_route *rc, 
                      error ? error : "unauthorized", why);
     }
     request_log_field(r, "jwt_error", why);
+    /* why is one of a fixed set of static reasons: a bounded label */
+    module_metric_add("portico_jwt_requests_total", 1, "outcome",
+                      status == 503 ? "unavailable" : status == 403 ? "forbidden" : "refused",
+                      "reason", why);
     request_respond(r, status, NULL, body, (size_t)n < sizeof(body) ? (size_t)n : 0);
     return FILTER_RESPONDED;
 }
@@ -2581,6 +2587,7 @@ static enum filter_status authenticate(struct request *r, const struct jwt_route
         request_remove_header(r, "Authorization");
     else if (!rc->forward_token && rc->src[src].kind == SRC_HEADER)
         request_remove_header(r, rc->src[src].name);
+    module_metric_add("portico_jwt_requests_total", 1, "outcome", "accepted", "reason", "");
     return FILTER_CONTINUE;
 }
 
@@ -2593,8 +2600,10 @@ static enum filter_status jwt_on_request(struct request *r, void *cfg, void **ct
         request_remove_header(r, rc->hdrs[i].header);
     const char *tok = token_find(r, rc, &len, &src);
     if (!tok) {
-        if (rc->allow_anonymous)
+        if (rc->allow_anonymous) {
+            module_metric_add("portico_jwt_requests_total", 1, "outcome", "anonymous", "reason", "");
             return FILTER_CONTINUE;
+        }
         return refuse(r, rc, 401, NULL, "no token");
     }
     if (len > rc->max_token)

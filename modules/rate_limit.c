@@ -958,6 +958,7 @@ static enum filter_status rl_local(struct rl_req *q)
 static enum filter_status rl_fallback(struct rl_req *q)
 {
     __atomic_add_fetch(&q->cfg->redis->fallbacks, 1, __ATOMIC_RELAXED);
+    module_metric_add("portico_rate_limit_redis_fallbacks_total", 1, NULL, NULL, NULL, NULL);
     switch (q->cfg->on_error) {
     case ON_ERR_LOCAL:
         q->outcome = "fallback_local";
@@ -1630,8 +1631,12 @@ static enum filter_status rl_on_response(struct request *r, void *cfgp, void **c
 static void rl_on_log(struct request *r, void *cfgp, void **ctx)
 {
     const struct rl_req *q = *ctx;
-    if (q && q->outcome)
+    if (q && q->outcome) {
         request_log_field(r, "rate_limit", q->outcome);
+        const char *route = request_route_name(r);
+        module_metric_add("portico_rate_limit_decisions_total", 1, "route", route ? route : "",
+                          "outcome", q->outcome);
+    }
 }
 
 const struct module module_rate_limit = {

@@ -3,6 +3,7 @@
  * route's; everything here allocates from the request's arena. */
 #include "conn.h"
 #include "log.h"
+#include "metrics.h"
 #include "worker.h"
 
 #include <arpa/inet.h>
@@ -436,4 +437,10 @@ const char *request_var(const struct request *r, const char *name)
 }
 
 struct event_base *request_event_base(const struct request *r) { return conn_of(r)->w->base; }
+
+void module_metric_add(const char *name, uint64_t n, const char *k1, const char *v1,
+                       const char *k2, const char *v2)
+{
+    metrics_add(metrics_thread(), name, n, k1, v1, k1 ? k2 : NULL, v2, NULL, NULL);
+}
 int request_worker_id(const struct request *r) { return conn_of(r)->w->id; }

@@ -280,6 +280,11 @@ static const struct {
     { "portico_upstream_errors_total",
       "Upstream failures: connect errors, timeouts, resets, bad answers." },
     { "portico_connections_accepted_total", "Client connections accepted." },
+    { "portico_jwt_requests_total", "jwt_auth decisions, by outcome and refusal reason." },
+    { "portico_jwt_key_fetches_total", "JWKS and discovery fetches, by provider and result." },
+    { "portico_rate_limit_decisions_total", "rate_limit decisions, by route and outcome." },
+    { "portico_rate_limit_redis_fallbacks_total",
+      "Requests decided by on_redis_error because Redis could not answer." },
 };
 
 static const char *help_of(const char *name)

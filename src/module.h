@@ -162,6 +162,15 @@ void request_log_field(struct request *r, const char *key, const char *value);
 void request_var_set(struct request *r, const char *name, const char *value);
 const char *request_var(const struct request *r, const char *name);
 struct event_base *request_event_base(const struct request *r);
+
+/* ---- metrics (GET /metrics on the admin listener) ----------------------- */
+/* Add n to the counter name ("portico_<module>_..._total") with up to two
+ * label pairs (k2 NULL for one, k1 NULL for none). Label values must come
+ * from a small fixed set (an outcome, a reason, a route name): never a
+ * token, a key or anything a client chose. Callable from any thread: on a
+ * worker it costs no lock. */
+void module_metric_add(const char *name, uint64_t n, const char *k1, const char *v1,
+                       const char *k2, const char *v2);
 int request_worker_id(const struct request *r);
 
 #endif

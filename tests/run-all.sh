@@ -11,7 +11,7 @@
 # Environment:
 #   JOBS=2             parallel make jobs
 #   FUZZ_SECONDS=60    seconds per fuzz target
-#   E2E_TIMEOUT=600    seconds before an e2e run is killed
+#   E2E_TIMEOUT=1200   seconds before an e2e run is killed
 #   SKIP_DISTCHECK=1   skip make distcheck
 #   PORTICO_CI_DEB=1   build, install (dpkg -i) and check the .deb even when
 #                      CI is not set; it runs only as root, and changes the
@@ -26,7 +26,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=/usr/bin/python3
 JOBS=${JOBS:-2}
-E2E_TIMEOUT=${E2E_TIMEOUT:-600}
+E2E_TIMEOUT=${E2E_TIMEOUT:-1200}
 export FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 # pytest must not leave caches in the source tree (it is shipped by make dist).
 export PYTHONDONTWRITEBYTECODE=1

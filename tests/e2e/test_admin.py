@@ -240,3 +240,52 @@ def test_no_error_log_line_per_request_at_default_level(admin_gw):
         assert util.get(p.port, "/dead/x").status == 502
     lines = [ln for ln in p.stderr().splitlines() if "dead" in ln and "[warn]" in ln]
     assert 1 <= len(lines) <= 3, lines
+
+
+def test_module_metrics(portico, echo, portico_bin):
+    import base64
+    import hashlib
+    import hmac
+    import subprocess
+    mods = subprocess.run([portico_bin, "-V"], capture_output=True, text=True).stdout
+    if "jwt_auth" not in mods or "rate_limit" not in mods:
+        pytest.skip("jwt_auth and rate_limit are not both built in")
+    secret = "0123456789abcdef0123456789abcdef"
+
+    def b64(b):
+        return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+    def token(claims):
+        h = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        p = b64(json.dumps(claims).encode())
+        sig = hmac.new(secret.encode(), (h + "." + p).encode(), hashlib.sha256).digest()
+        return h + "." + p + "." + b64(sig)
+
+    aport = free_port()
+    cfg = make_config(upstreams={"e": {"endpoints": [echo.addr]}},
+                      jwt_providers={"t": {"issuer": "test", "algorithms": ["HS256"],
+                                           "secret": secret}},
+                      routes=[{"name": "api", "path": "/", "upstream": "e",
+                               "filters": [{"jwt_auth": {"provider": "t"}},
+                                           {"rate_limit": {"key": "jwt:sub", "rate": "3/m"}}]}],
+                      admin={"address": "127.0.0.1:%d" % aport})
+    p = portico(cfg)
+    good = token({"iss": "test", "sub": "alice", "exp": int(time.time()) + 600})
+    expired = token({"iss": "test", "sub": "alice", "exp": int(time.time()) - 600})
+    codes = [util.get(p.port, "/x", headers={"Authorization": "Bearer " + good}).status
+             for _ in range(5)]
+    assert codes == [200, 200, 200, 429, 429]
+    assert util.get(p.port, "/x").status == 401
+    assert util.get(p.port, "/x", headers={"Authorization": "Bearer " + expired}).status == 401
+    fams = families(admin_get(aport, "/metrics")[1])
+    assert sample_value(fams, "portico_jwt_requests", "portico_jwt_requests_total",
+                        outcome="accepted") == 5
+    assert sample_value(fams, "portico_jwt_requests", "portico_jwt_requests_total",
+                        outcome="refused") == 2
+    assert sample_value(fams, "portico_rate_limit_decisions", "portico_rate_limit_decisions_total",
+                        route="api", outcome="allowed") == 3
+    limited = sum(s.value for s in fams["portico_rate_limit_decisions"].samples
+                  if s.name.endswith("_total") and s.labels.get("outcome", "").startswith("limited"))
+    assert limited == 2
+    text = admin_get(aport, "/metrics")[1]
+    assert good not in text and secret not in text
