@@ -652,6 +652,17 @@ fail:
     return -1;
 }
 
+/* Not ready while some worker's Redis connection is known to be down. */
+static int rl_global_ready(void *gcfg, char *why, size_t whylen)
+{
+    struct rl_redis *rc = gcfg;
+    if (rc && __atomic_load_n(&rc->degraded_workers, __ATOMIC_ACQUIRE) > 0) {
+        snprintf(why, whylen, "rate_limit: redis %s unreachable", rc->label);
+        return 0;
+    }
+    return 1;
+}
+
 static void rl_free_global(void *gcfg)
 {
     struct rl_redis *rc = gcfg;
@@ -1644,6 +1655,7 @@ const struct module module_rate_limit = {
     .global_key = "redis",
     .parse_global = rl_parse_global,
     .free_global = rl_free_global,
+    .global_ready = rl_global_ready,
     .parse_config = rl_parse_config,
     .free_config = rl_free_config,
     .on_request = rl_on_request,

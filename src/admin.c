@@ -183,6 +183,15 @@ static void on_request(struct evhttp_request *req, void *arg)
             return reply_text(req, 405, "use GET\n");
         if (a->env.draining(a->env.arg))
             return reply_text(req, 503, "draining\n");
+        struct config *cfg = a->env.config_get(a->env.arg);
+        char why[256] = "";
+        int ok = !cfg->admin.ready_modules || config_modules_ready(cfg, why, sizeof(why));
+        config_unref(cfg);
+        if (!ok) {
+            size_t wl = strlen(why);
+            snprintf(why + wl, sizeof(why) - wl, "\n");
+            return reply_text(req, 503, why);
+        }
         return reply_text(req, 200, "ready\n");
     }
     struct config *cfg = a->env.config_get(a->env.arg);

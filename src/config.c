@@ -517,7 +517,7 @@ static void parse_listener(struct load *ld, json_t *obj, struct config_listener 
  * Absent: no admin listener. A non-loopback address needs a token. */
 static void parse_admin(struct load *ld, json_t *root)
 {
-    static const char *const known[] = { "address", "token", NULL };
+    static const char *const known[] = { "address", "token", "ready_requires", NULL };
     struct config_admin *a = &ld->cfg->admin;
     json_t *obj = get_typed(ld, root, "admin", JSON_OBJECT);
     if (!obj)
@@ -537,6 +537,20 @@ static void parse_admin(struct load *ld, json_t *root)
         err_key(ld, "token", "must not be empty (leave it out for no token)");
     else if (v)
         a->token = xstrdup(json_string_value(v));
+    json_t *rr = get_typed(ld, obj, "ready_requires", JSON_ARRAY);
+    size_t k;
+    json_t *it;
+    json_array_foreach(rr, k, it) {
+        if (json_is_string(it) && strcmp(json_string_value(it), "modules") == 0) {
+            a->ready_modules = 1;
+        } else {
+            push_key(ld, "ready_requires");
+            push_index(ld, k);
+            err(ld, "must be \"modules\" (what modules depend on, such as rate_limit's Redis, is reachable)");
+            pop(ld);
+            pop(ld);
+        }
+    }
     if (a->addrlen && !a->token && !addr_is_loopback((const struct sockaddr *)&a->addr))
         err_key(ld, "address", "an admin listener on a non-loopback address needs \"token\"");
     for (size_t i = 0; a->addrlen && i < ld->cfg->nlisteners; i++)
@@ -1273,6 +1287,17 @@ int config_start_modules(struct config *c, char *err, size_t errlen)
             return -1;
     }
     return 0;
+}
+
+int config_modules_ready(const struct config *c, char *why, size_t whylen)
+{
+    for (size_t i = 0; portico_modules[i]; i++) {
+        const struct module *m = portico_modules[i];
+        if (m->global_ready && c->module_globals && c->module_globals[i] &&
+            !m->global_ready(c->module_globals[i], why, whylen))
+            return 0;
+    }
+    return 1;
 }
 
 void *config_module_global(const struct config *c, const struct module *m)

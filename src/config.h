@@ -36,6 +36,7 @@ struct config_admin {
     struct sockaddr_storage addr;
     socklen_t addrlen;
     char *token;                   /* bearer token, NULL = none (loopback only) */
+    int ready_modules;             /* "ready_requires": ["modules"] */
 };
 
 struct config_limits {
@@ -163,6 +164,9 @@ int config_start_modules(struct config *c, char *err, size_t errlen);
  * are compared per endpoint by the caller. Extend it with every new
  * setting that shapes a connection (TLS, ...). */
 int config_upstream_same_connections(const struct config_upstream *a, const struct config_upstream *b);
+
+/* Every module's global_ready: 1, or 0 with the first reason in why. */
+int config_modules_ready(const struct config *c, char *why, size_t whylen);
 
 /* Find an upstream by name; NULL if absent. */
 struct config_upstream *config_find_upstream(const struct config *c, const char *name);

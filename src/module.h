@@ -70,6 +70,11 @@ struct module {
      * requests with this config. */
     int (*start_global)(void *gcfg, char *err, size_t errlen);
     void (*free_global)(void *gcfg);
+    /* Optional: whether what gcfg depends on (a Redis, a key server) is
+     * reachable, for the admin's GET /readyz when the config asks for it
+     * ("admin": {"ready_requires": ["modules"]}). Returns 1, or 0 with a
+     * short reason in why. Runs on the admin thread: read atomics only. */
+    int (*global_ready)(void *gcfg, char *why, size_t whylen);
     /* Parse this filter's config: json is the value under the module's name
      * (an object, usually). path is its JSON path, e.g.
      * "routes[2].filters[0].cors", to start messages with. gcfg is what

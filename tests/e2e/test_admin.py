@@ -289,3 +289,40 @@ def test_module_metrics(portico, echo, portico_bin):
     assert limited == 2
     text = admin_get(aport, "/metrics")[1]
     assert good not in text and secret not in text
+
+
+def test_readyz_requires_modules(portico, echo, portico_bin, tmp_path):
+    import subprocess
+    if "rate_limit" not in subprocess.run([portico_bin, "-V"], capture_output=True,
+                                          text=True).stdout:
+        pytest.skip("rate_limit is not built in")
+    dead = free_port()  # no Redis listens here
+    for requires, want in (([], 200), (["modules"], 503)):
+        aport = free_port()
+        cfg = make_config(upstreams={"e": {"endpoints": [echo.addr]}},
+                          redis={"address": "127.0.0.1:%d" % dead, "timeout_ms": 200},
+                          routes=[{"path": "/", "upstream": "e",
+                                   "filters": [{"rate_limit": {"key": "ip", "rate": "100/s"}}]}],
+                          admin={"address": "127.0.0.1:%d" % aport, "ready_requires": requires})
+        p = portico(cfg)
+        assert util.get(p.port, "/x").status == 200  # on_redis_error: local
+        st, body, _ = wait_ready(aport, want)
+        assert st == want, body
+        if want == 503:
+            assert "redis" in body and "unreachable" in body
+        p.stop()
+    bad = make_config(routes=[{"path": "/", "respond": {"status": 200}}],
+                      admin={"ready_requires": ["redis"]})
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps(bad))
+    r = subprocess.run([portico_bin, "-t", "-c", str(f)], capture_output=True, text=True)
+    assert r.returncode == 1 and "admin.ready_requires[0]" in r.stderr
+
+
+def wait_ready(aport, want, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        res = admin_get(aport, "/readyz")
+        if res[0] == want or time.monotonic() > deadline:
+            return res
+        time.sleep(0.05)
