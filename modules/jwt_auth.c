@@ -2381,7 +2381,10 @@ static enum filter_status refuse(struct request *r, const struct jwt_route *rc, 
     request_log_field(r, "jwt_error", why);
     /* why is one of a fixed set of static reasons: a bounded label */
     module_metric_add("portico_jwt_requests_total", 1, "outcome",
-                      status == 503 ? "unavailable" : status == 403 ? "forbidden" : "refused",
+                      status == 503   ? "unavailable"
+                      : status == 403 ? "forbidden"
+                      : status == 400 ? "bad_request"
+                                      : "refused",
                       "reason", why);
     request_respond(r, status, NULL, body, (size_t)n < sizeof(body) ? (size_t)n : 0);
     return FILTER_RESPONDED;
@@ -2598,6 +2601,15 @@ static enum filter_status jwt_on_request(struct request *r, void *cfg, void **ct
     /* Whatever happens next, a client's own copy never reaches the upstream. */
     for (size_t i = 0; i < rc->nhdrs; i++)
         request_remove_header(r, rc->hdrs[i].header);
+    /* Two credentials: which one would the upstream believe? Refuse. */
+    for (size_t i = 0; i < rc->nsrc; i++) {
+        const struct token_src *ts = &rc->src[i];
+        const char *h = ts->kind == SRC_BEARER ? "Authorization"
+                        : ts->kind == SRC_HEADER ? ts->name
+                                                 : NULL;
+        if (h && request_header_count(r, h) > 1)
+            return refuse(r, rc, 400, "invalid_request", "more than one credential field");
+    }
     const char *tok = token_find(r, rc, &len, &src);
     if (!tok) {
         if (rc->allow_anonymous) {

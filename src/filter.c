@@ -260,6 +260,18 @@ const char *request_header(const struct request *r, const char *name, size_t *le
     return find_field(r->head.headers, r->head.nheaders, name, len);
 }
 
+size_t request_header_count(const struct request *r, const char *name)
+{
+    if (r->head_consumed)
+        return 0;
+    size_t nl = strlen(name), n = 0;
+    for (size_t i = 0; i < r->head.nheaders; i++) {
+        const struct http_header *h = &r->head.headers[i];
+        n += h->name.len == nl && strncasecmp(h->name.p, name, nl) == 0;
+    }
+    return n;
+}
+
 int response_status(const struct request *r)
 {
     if (r->local.set)

@@ -118,6 +118,9 @@ const char *request_route_name(const struct request *r);
  * Copy what you need later (request_alloc). Edits made by filters are not
  * reflected here. */
 const char *request_header(const struct request *r, const char *name, size_t *len);
+/* How many fields of that name the request has (same window as
+ * request_header): a credential sent twice is ambiguous. */
+size_t request_header_count(const struct request *r, const char *name);
 /* The real client address: the peer, or, when the peer is a trusted proxy,
  * the right-most X-Forwarded-For address not itself trusted. */
 const struct sockaddr *request_client_addr(const struct request *r);

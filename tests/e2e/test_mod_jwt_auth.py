@@ -357,6 +357,17 @@ def test_missing_token(gw):
     assert r.status == 401 and "error=" not in r.header("WWW-Authenticate")
 
 
+def test_two_authorization_fields_refused(gw, keys):
+    """Which of two credentials would the upstream believe? Neither."""
+    tok = token(good(sub="alice"), "RS256", key=keys["rsa"][0])
+    r = call(gw, "/rs/x", tok, [("Authorization", "Bearer " + tok)])
+    refused(r, 400, "invalid_request")
+    r = call(gw, "/rs/x", tok, [("Authorization", "Basic dXNlcjpwdw==")])
+    refused(r, 400, "invalid_request")
+    r = call(gw, "/anon/x", tok, [("authorization", "Bearer x")])
+    refused(r, 400, "invalid_request")
+
+
 def test_allow_anonymous(gw, keys):
     r = call(gw, "/anon/x", headers=[("X-User-Id", "spoofed"), ("X-Tenant", "evil")])
     assert r.status == 200
