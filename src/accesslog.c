@@ -81,6 +81,12 @@ size_t accesslog_format(const struct accesslog_entry *e, char *out, size_t cap)
         put_str(&o, e->endpoint, strlen(e->endpoint), 128);
     else
         put(&o, "null", 4);
+    if (e->tls_version) {
+        put(&o, ",\"tls_version\":", 15);
+        put_str(&o, e->tls_version, strlen(e->tls_version), 32);
+        put(&o, ",\"tls_cipher\":", 14);
+        put_str(&o, e->tls_cipher, strlen(e->tls_cipher), 64);
+    }
     /* Filters' fields, bounded so the line always fits. */
     size_t budget = 2048;
     for (const struct kv *f = e->fields; f && budget > 0; f = f->next) {

@@ -25,6 +25,7 @@ struct accesslog_entry {
     int has_upstream;
     const char *route;     /* NULL when no route matched */
     const char *endpoint;  /* NULL when no upstream was used */
+    const char *tls_version, *tls_cipher; /* NULL on plain connections (then not logged) */
     const struct kv *fields; /* added by filters, in order */
 };
 

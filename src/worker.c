@@ -110,7 +110,8 @@ void worker_log_line(struct worker *w, const char *line, size_t len)
 
 static void on_accept(evutil_socket_t lfd, short what, void *arg)
 {
-    struct worker *w = arg;
+    struct worker_listener *wl = arg;
+    struct worker *w = wl->w;
     for (int i = 0; i < ACCEPT_BATCH && !w->draining; i++) {
         struct sockaddr_storage ss;
         socklen_t len = sizeof(ss);
@@ -126,7 +127,7 @@ static void on_accept(evutil_socket_t lfd, short what, void *arg)
             close(fd);
             continue;
         }
-        conn_accept(w, fd, (struct sockaddr *)&ss, len);
+        conn_accept(w, wl->cfg, fd, (struct sockaddr *)&ss, len);
     }
 }
 
@@ -147,7 +148,7 @@ static void start_drain(struct worker *w)
     /* Take what is already queued on the listening sockets, then close
      * them: those clients get an answer, new ones get refused. */
     for (size_t i = 0; i < w->nlisteners; i++)
-        on_accept(w->listeners[i].fd, EV_READ, w);
+        on_accept(w->listeners[i].fd, EV_READ, &w->listeners[i]);
     w->draining = 1;
     for (size_t i = 0; i < w->nlisteners; i++) {
         event_del(&w->listeners[i].ev);
@@ -217,9 +218,11 @@ struct worker *worker_new(int id, struct config *cfg, const int *listen_fds, cha
     w->nlisteners = cfg->nlisteners;
     w->listeners = xcalloc(cfg->nlisteners, sizeof(*w->listeners));
     for (size_t i = 0; i < cfg->nlisteners; i++) {
+        w->listeners[i].w = w;
         w->listeners[i].fd = listen_fds[i];
         w->listeners[i].cfg = &cfg->listeners[i];
-        event_assign(&w->listeners[i].ev, w->base, listen_fds[i], EV_READ | EV_PERSIST, on_accept, w);
+        event_assign(&w->listeners[i].ev, w->base, listen_fds[i], EV_READ | EV_PERSIST, on_accept,
+                     &w->listeners[i]);
         event_add(&w->listeners[i].ev, NULL);
     }
     w->pools = xcalloc(cfg->nupstreams ? cfg->nupstreams : 1, sizeof(*w->pools));
