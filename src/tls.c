@@ -30,6 +30,9 @@
 #define DEFAULT_CIPHERS                                                                        \
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:" \
     "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+/* Added when min_version is below TLS 1.2, unless "ciphers" is given. */
+#define LEGACY_CIPHERS \
+    "ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:ECDHE-RSA-AES256-SHA"
 #define DEFAULT_SESSION_CACHE     20480
 #define DEFAULT_TICKET_ROTATION_S 3600
 /* One record's worth: the most a single SSL_write puts in one record. */
@@ -315,7 +318,12 @@ static int ctx_common(const struct tls_server *s, SSL_CTX *ctx, char *why, size_
     /* Read what the socket has in one call, not header then body. */
     SSL_CTX_set_read_ahead(ctx, 1);
     char list[1024];
-    snprintf(list, sizeof(list), "%s%s", s->ciphers ? s->ciphers : DEFAULT_CIPHERS,
+    /* TLS 1.0 and 1.1 have no AEAD ciphers: asking for them brings the
+     * CBC ones, and OpenSSL 3 allows those versions only at level 0. */
+    snprintf(list, sizeof(list), "%s%s",
+             s->ciphers ? s->ciphers
+                        : s->min_version < TLS1_2_VERSION ? DEFAULT_CIPHERS ":" LEGACY_CIPHERS
+                                                          : DEFAULT_CIPHERS,
              s->min_version < TLS1_2_VERSION ? ":@SECLEVEL=0" : "");
     if (SSL_CTX_set_cipher_list(ctx, list) != 1) {
         snprintf(why, whylen, "ciphers: no cipher in the list is known or allowed");
@@ -585,18 +593,23 @@ struct tls_client *tls_client_new(const struct tls_client_opts *o, char *why, si
             read_file_error("key", o->key, why, whylen);
             goto fail;
         }
+        EVP_PKEY *pk = PEM_read_PrivateKey(f, NULL, no_passphrase, NULL);
         fclose(f);
-        if (SSL_CTX_use_PrivateKey_file(ctx, o->key, SSL_FILETYPE_PEM) != 1) {
-            snprintf(why, whylen, "no usable PEM private key in %s", o->key);
-            ERR_clear_error();
+        ERR_clear_error();
+        if (!pk) {
+            snprintf(why, whylen, "no PEM private key in %s (encrypted keys are not supported)",
+                     o->key);
             goto fail;
         }
-        if (SSL_CTX_check_private_key(ctx) != 1) {
+        int match = X509_check_private_key(SSL_CTX_get0_certificate(ctx), pk) == 1;
+        if (!match || SSL_CTX_use_PrivateKey(ctx, pk) != 1) {
             snprintf(why, whylen, "the key in %s does not match the certificate in %s", o->key,
                      o->cert);
             ERR_clear_error();
+            EVP_PKEY_free(pk);
             goto fail;
         }
+        EVP_PKEY_free(pk);
     }
     SSL_CTX_set_verify(ctx, o->verify ? SSL_VERIFY_PEER : SSL_VERIFY_NONE, NULL);
     struct tls_client *c = xcalloc(1, sizeof(*c));

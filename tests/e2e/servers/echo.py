@@ -20,7 +20,9 @@ Special paths:
 
 Byte k of a /big body is k % 256.
 Options: --port P (required), --idle-close-ms MS (close a keep-alive
-connection idle that long). Prints nothing.
+connection idle that long), --tls-cert FILE --tls-key FILE (speak TLS;
+then /__stats too is over TLS, and /slow cannot notice a peer closing).
+Prints nothing.
 """
 import hashlib
 import json
@@ -225,8 +227,15 @@ def main():
     global OPTS
     p = httpsrv.base_args("echo upstream")
     p.add_argument("--idle-close-ms", type=int, default=0)
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
     OPTS = p.parse_args()
-    httpsrv.serve(handle, OPTS.port)
+    ctx = None
+    if OPTS.tls_cert:
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(OPTS.tls_cert, OPTS.tls_key)
+    httpsrv.serve(handle, OPTS.port, ctx)
 
 
 if __name__ == "__main__":
