@@ -1021,7 +1021,7 @@ static int upstream_connect_check(struct conn *c)
     }
     const struct tls_client *tc = c->req.route->upstream->tls;
     if (tc) {
-        u->ssl = tls_client_conn(tc, u->fd, u->pool->ep->address);
+        u->ssl = tls_client_conn(tc, u->fd, u->pool->ep->address, &u->pool->tls_session);
         if (!u->ssl) {
             upstream_gone(c, 502, "cannot create a TLS session");
             return 1;

@@ -313,8 +313,10 @@ static int ctx_common(const struct tls_server *s, SSL_CTX *ctx, char *why, size_
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION |
                                  SSL_OP_IGNORE_UNEXPECTED_EOF |
                                  (s->session_tickets ? 0 : SSL_OP_NO_TICKET));
+    /* NO_AUTO_CHAIN: send the chain given in the file; building one from
+     * the trust store on every handshake costs more than the handshake. */
     SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_ENABLE_PARTIAL_WRITE |
-                              SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+                              SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_NO_AUTO_CHAIN);
     /* Read what the socket has in one call, not header then body. */
     SSL_CTX_set_read_ahead(ctx, 1);
     char list[1024];
@@ -543,6 +545,18 @@ SSL *tls_server_conn(const struct tls_server *s, int fd)
 
 /* ---- upstream clients --------------------------------------------------- */
 
+/* A new session for a client connection: keep it in the pool's slot. */
+static int on_client_session(SSL *ssl, SSL_SESSION *sess)
+{
+    void **slot = SSL_get_app_data(ssl);
+    if (!slot || !SSL_SESSION_is_resumable(sess))
+        return 0;
+    if (*slot)
+        SSL_SESSION_free(*slot);
+    *slot = sess;
+    return 1; /* we keep the reference */
+}
+
 struct tls_client *tls_client_new(const struct tls_client_opts *o, char *why, size_t whylen,
                                   int *which)
 {
@@ -612,6 +626,9 @@ struct tls_client *tls_client_new(const struct tls_client_opts *o, char *why, si
         EVP_PKEY_free(pk);
     }
     SSL_CTX_set_verify(ctx, o->verify ? SSL_VERIFY_PEER : SSL_VERIFY_NONE, NULL);
+    /* Sessions live in each worker's pool (no shared cache, no lock). */
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(ctx, on_client_session);
     struct tls_client *c = xcalloc(1, sizeof(*c));
     c->ctx = ctx;
     c->verify = o->verify;
@@ -631,13 +648,23 @@ void tls_client_free(struct tls_client *c)
     free(c);
 }
 
-SSL *tls_client_conn(const struct tls_client *c, int fd, const char *ip_name)
+void tls_session_free(void **session)
+{
+    if (*session)
+        SSL_SESSION_free(*session);
+    *session = NULL;
+}
+
+SSL *tls_client_conn(const struct tls_client *c, int fd, const char *ip_name, void **session)
 {
     SSL *ssl = SSL_new(c->ctx);
     if (!ssl)
         return NULL;
     if (SSL_set_fd(ssl, fd) != 1)
         goto fail;
+    SSL_set_app_data(ssl, session);
+    if (session && *session)
+        SSL_set_session(ssl, *session);
     if (c->sni) {
         if (SSL_set_tlsext_host_name(ssl, c->sni) != 1 ||
             (c->verify && SSL_set1_host(ssl, c->sni) != 1))

@@ -86,8 +86,12 @@ struct tls_client *tls_client_new(const struct tls_client_opts *o, char *why, si
                                   int *which);
 void tls_client_free(struct tls_client *c);
 /* A client SSL for a connected socket; ip_name is the endpoint's address
- * text, verified against the certificate when no sni was configured. */
-SSL *tls_client_conn(const struct tls_client *c, int fd, const char *ip_name);
+ * text, verified against the certificate when no sni was configured.
+ * *session is the caller's resumption slot (one per pool, one thread):
+ * offered when set, replaced by each new session the server issues. The
+ * slot must outlive the SSL; free it with tls_session_free. */
+SSL *tls_client_conn(const struct tls_client *c, int fd, const char *ip_name, void **session);
+void tls_session_free(void **session);
 
 /* ---- per connection ----------------------------------------------------- */
 

@@ -53,6 +53,7 @@ struct pool {
     const struct config_endpoint *ep;
     struct upconn *idle;        /* most recently used first */
     int nidle;
+    void *tls_session;          /* TLS upstream: the session to resume (tls.h) */
 };
 
 /* Take an idle connection, or start a new one (state CONNECTING).

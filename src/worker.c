@@ -305,8 +305,10 @@ void worker_free(struct worker *w)
     if (!w)
         return;
     for (size_t u = 0; u < w->cfg->nupstreams && w->pools; u++) {
-        for (size_t e = 0; e < w->cfg->upstreams[u].nendpoints && w->pools[u]; e++)
+        for (size_t e = 0; e < w->cfg->upstreams[u].nendpoints && w->pools[u]; e++) {
             pool_close_all(&w->pools[u][e]);
+            tls_session_free(&w->pools[u][e].tls_session);
+        }
         free(w->pools[u]);
     }
     free(w->pools);

@@ -517,6 +517,20 @@ def test_upstream_tls_verified_and_pooled(gateway, certs):
     assert r.json()["sha256"] == hashlib.sha256(payload).hexdigest()
 
 
+def test_upstream_tls_sessions_resumed(gateway, certs):
+    g = gateway(upstream_opts={"tls": {"ca": certs.ca_crt}, "keepalive": 0},
+                echo_args=("--tls-cert", certs.upstream_crt, "--tls-key", certs.upstream_key))
+    ids = set()
+    for i in range(5):
+        r = g.get("/n%d" % i)
+        assert r.status == 200
+        ids.add(r.json()["conn_id"])
+    assert len(ids) == 5  # a new connection each time (no pooling)...
+    with tls_connect(g.echo.port, client_ctx(certs), server_name="upstream.test") as s:
+        st, _, body = https_get(s, "/__stats", host="stats")
+    assert json.loads(body)["tls_session_hits"] >= 4  # ...but resumed handshakes
+
+
 def test_upstream_tls_sni_name(gateway, certs):
     g = gateway(upstream_opts={"tls": {"ca": certs.ca_crt, "sni": "upstream.test"}},
                 echo_args=("--tls-cert", certs.upstream_crt, "--tls-key", certs.upstream_key))

@@ -38,6 +38,7 @@ import httpsrv  # noqa: E402
 PATTERN = bytes(range(256)) * 256  # 64 KiB; byte k is k % 256
 STATS = httpsrv.Counter()
 OPTS = None
+TLS_CTX = None
 
 
 def peer_closed_within(sock, seconds):
@@ -155,6 +156,8 @@ def handle(sock, addr):
             with STATS.lock:
                 out = {"connections": STATS.connections, "requests": STATS.requests,
                        "events": list(STATS.events)}
+            if TLS_CTX is not None:
+                out["tls_session_hits"] = TLS_CTX.session_stats()["hits"]
             send(sock, 200, json.dumps(out).encode(), close=close)
             if close:
                 return
@@ -224,7 +227,7 @@ def handle(sock, addr):
 
 
 def main():
-    global OPTS
+    global OPTS, TLS_CTX
     p = httpsrv.base_args("echo upstream")
     p.add_argument("--idle-close-ms", type=int, default=0)
     p.add_argument("--tls-cert")
@@ -235,6 +238,7 @@ def main():
         import ssl
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(OPTS.tls_cert, OPTS.tls_key)
+    TLS_CTX = ctx
     httpsrv.serve(handle, OPTS.port, ctx)
 
 
