@@ -323,9 +323,9 @@ static int ctx_common(const struct tls_server *s, SSL_CTX *ctx, char *why, size_
     /* TLS 1.0 and 1.1 have no AEAD ciphers: asking for them brings the
      * CBC ones, and OpenSSL 3 allows those versions only at level 0. */
     snprintf(list, sizeof(list), "%s%s",
-             s->ciphers ? s->ciphers
-                        : s->min_version < TLS1_2_VERSION ? DEFAULT_CIPHERS ":" LEGACY_CIPHERS
-                                                          : DEFAULT_CIPHERS,
+             s->ciphers                        ? s->ciphers
+             : s->min_version < TLS1_2_VERSION ? DEFAULT_CIPHERS ":" LEGACY_CIPHERS
+                                               : DEFAULT_CIPHERS,
              s->min_version < TLS1_2_VERSION ? ":@SECLEVEL=0" : "");
     if (SSL_CTX_set_cipher_list(ctx, list) != 1) {
         snprintf(why, whylen, "ciphers: no cipher in the list is known or allowed");
