@@ -188,6 +188,11 @@ struct conn {
 /* Take ownership of an accepted, non-blocking socket. */
 void conn_accept(struct worker *w, const struct config_listener *lc, int fd,
                  const struct sockaddr *sa, socklen_t salen);
+/* Give back the request arena of a keep-alive connection idle since
+ * before idle_before_ms (the worker's tick): idle connections then hold
+ * little more than their struct (and, with TLS, the SSL object).
+ * Returns 1 if memory was freed. */
+int conn_trim_idle(struct conn *c, uint64_t idle_before_ms);
 /* Drain: close idle connections now, others after their response. */
 void conn_drain(struct conn *c);
 /* Close at once (drain timeout, shutdown). */

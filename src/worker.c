@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +17,7 @@
 #define LOG_FLUSH_BYTES 16384
 #define LOG_FLUSH_MS 100
 #define ACCEPT_BATCH 64
+#define TRIM_BATCH 256
 
 int worker_total_conns;
 
@@ -187,6 +189,13 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     for (size_t u = 0; u < w->cfg->nupstreams; u++)
         for (size_t e = 0; e < w->cfg->upstreams[u].nendpoints; e++)
             pool_sweep(&w->pools[u][e], now);
+    int trimmed = 0;
+    for (struct conn *c = w->conns; c; c = c->next)
+        trimmed += conn_trim_idle(c, now - 1000);
+    /* Freed arena blocks sit between live connections, where free() does
+     * not return them to the system; after many, ask malloc to. */
+    if (trimmed >= TRIM_BATCH)
+        malloc_trim(0);
 }
 
 struct worker *worker_new(int id, struct config *cfg, const int *listen_fds, char *err, size_t errlen)

@@ -621,3 +621,20 @@ def test_config_check_ok(portico_bin, tmp_path, certs):
                       "key": certs.client_key})
     assert rc == 0, out
     assert "warning" not in out
+
+
+def test_idle_connections_trimmed_then_reused(tls_gw, certs):
+    """Idle keep-alive connections give their request memory back after a
+    second (worker tick); the next request on them must work as before."""
+    p, port, _ = tls_gw(extra_listeners=[{"address": "127.0.0.1:%d" % free_port()}])
+    plain_port = int(p.config["listeners"][1]["address"].rsplit(":", 1)[1])
+    with tls_connect(port, client_ctx(certs)) as s, util.Conn(plain_port) as c:
+        assert https_get(s, "/a")[0] == 200
+        c.request("GET", "/a")
+        assert c.read_response().status == 200
+        time.sleep(2.2)
+        st, _, body = https_get(s, "/b", headers=[("X-Pad", "x" * 3000)])
+        assert st == 200 and json.loads(body)["target"] == "/b"
+        c.request("GET", "/b", headers={"X-Pad": "y" * 3000})
+        r = c.read_response()
+        assert r.status == 200 and r.json()["target"] == "/b"
