@@ -554,6 +554,19 @@ def test_upstream_tls_verification_failures(gateway, certs):
     assert g4.get("/x").status == 200
 
 
+def test_upstream_mtls_client_certificate(gateway, certs):
+    args = ("--tls-cert", certs.upstream_crt, "--tls-key", certs.upstream_key,
+            "--tls-client-ca", certs.ca_crt)
+    g = gateway(upstream_opts={"tls": {"ca": certs.ca_crt, "cert": certs.client_crt,
+                                       "key": certs.client_key}}, echo_args=args)
+    r = g.get("/m")
+    assert r.status == 200
+    assert r.json()["client_subject"] == {"commonName": "client-1"}
+    # without a client certificate the upstream refuses the handshake
+    g2 = gateway(upstream_opts={"tls": {"ca": certs.ca_crt}}, echo_args=args)
+    assert g2.get("/m").status == 502
+
+
 def test_upstream_tls_to_plain_server(gateway, certs):
     g = gateway(upstream_opts={"tls": {"ca": certs.ca_crt}})
     assert g.get("/x").status == 502

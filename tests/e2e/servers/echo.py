@@ -21,7 +21,9 @@ Special paths:
 Byte k of a /big body is k % 256.
 Options: --port P (required), --idle-close-ms MS (close a keep-alive
 connection idle that long), --tls-cert FILE --tls-key FILE (speak TLS;
-then /__stats too is over TLS, and /slow cannot notice a peer closing).
+then /__stats too is over TLS, and /slow cannot notice a peer closing),
+--tls-client-ca FILE (require a client certificate from that CA; its
+subject is echoed as "client_subject").
 Prints nothing.
 """
 import hashlib
@@ -39,6 +41,7 @@ PATTERN = bytes(range(256)) * 256  # 64 KiB; byte k is k % 256
 STATS = httpsrv.Counter()
 OPTS = None
 TLS_CTX = None
+CLIENT_SUBJECT = {}  # conn_id -> the TLS client certificate's subject
 
 
 def peer_closed_within(sock, seconds):
@@ -99,6 +102,7 @@ def describe(req, body, conn_id, conn_requests):
         "conn_id": conn_id,
         "conn_requests": conn_requests,
         "port": OPTS.port,
+        "client_subject": CLIENT_SUBJECT.get(conn_id),
     }
 
 
@@ -134,6 +138,8 @@ def send_drip(sock, ms, n):
 def handle(sock, addr):
     reader = httpsrv.Reader(sock)
     conn_id = STATS.new_conn_id()
+    if hasattr(sock, "getpeercert") and sock.getpeercert():
+        CLIENT_SUBJECT[conn_id] = dict(x[0] for x in sock.getpeercert()["subject"])
     counted = False
     conn_requests = 0
     while True:
@@ -232,12 +238,16 @@ def main():
     p.add_argument("--idle-close-ms", type=int, default=0)
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
+    p.add_argument("--tls-client-ca")
     OPTS = p.parse_args()
     ctx = None
     if OPTS.tls_cert:
         import ssl
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(OPTS.tls_cert, OPTS.tls_key)
+        if OPTS.tls_client_ca:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(OPTS.tls_client_ca)
     TLS_CTX = ctx
     httpsrv.serve(handle, OPTS.port, ctx)
 
