@@ -455,7 +455,7 @@ done
 [[ -z ${BENCH_OUT:-} ]] || ((!IDLE)) || cp "$IDLE_RESULTS" "$BENCH_OUT.idle"
 
 echo
-versions="$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}')"
+versions="$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v 2>&1 | awk 'NR == 1 {print "HAProxy " $3}')"
 if [[ " ${STARTED[*]} " == *" portico "* ]]; then
     versions="$("$PORTICO_BIN" --version 2>/dev/null | head -1 || echo portico), $versions"
 fi
