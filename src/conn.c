@@ -522,7 +522,8 @@ static int client_read(struct conn *c)
             c->readable = 0;
             return 1;
         }
-        if (n < 0)
+        /* Records OpenSSL already holds bring no edge: stay readable. */
+        if (n < 0 && !(c->ssl && tls_pending(c->ssl)))
             c->readable = 0;
         return 0;
     }

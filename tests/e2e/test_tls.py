@@ -114,10 +114,10 @@ def tls_gw(portico, upstream, certs):
     """tls_gw(listener_opts..., names=..., workers=1, upstream_opts=None) -> (portico, port, echo)."""
 
     def start(names=("alpha-rsa", "alpha-ec", "beta"), workers=1, upstream_opts=None,
-              echo_args=(), extra_listeners=(), **opts):
+              echo_args=(), extra_listeners=(), routes=None, **opts):
         e = upstream("echo.py", *echo_args)
         port = free_port()
-        cfg = make_config(port=port, routes=[{"path": "/", "upstream": "echo"}],
+        cfg = make_config(port=port, routes=routes or [{"path": "/", "upstream": "echo"}],
                           upstreams={"echo": dict({"endpoints": [e.addr]}, **(upstream_opts or {}))},
                           workers=workers)
         cfg["listeners"] = [tls_listener(port, certs, names, **opts)] + list(extra_listeners)
@@ -651,3 +651,22 @@ def test_idle_connections_trimmed_then_reused(tls_gw, certs):
         c.request("GET", "/b", headers={"X-Pad": "y" * 3000})
         r = c.read_response()
         assert r.status == 200 and r.json()["target"] == "/b"
+
+
+def test_pipelined_requests_behind_a_paused_one(tls_gw, certs, portico_bin):
+    """Pipelined requests that OpenSSL already decrypted (no socket edge
+    will announce them) are served once a paused request is resumed."""
+    if "example" not in run(portico_bin, "-V").stdout.decode():
+        pytest.skip("the example module is not built in")
+    pause = {"example": {"name": "p", "on_request": "pause", "pause_ms": 200}}
+    _, port, _ = tls_gw(routes=[{"path": "/", "upstream": "echo", "filters": [pause]}])
+    with tls_connect(port, client_ctx(certs)) as s:
+        for i in range(3):  # one TLS record each
+            s.sendall(b"GET /p%d HTTP/1.1\r\nHost: alpha.test\r\n\r\n" % i)
+        s.settimeout(3)
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 3 or not data.endswith(b"}"):
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert all(b'"target": "/p%d"' % i in data for i in range(3))
