@@ -826,7 +826,8 @@ static int handle_head(struct conn *c)
         r->start_us = now_us();
     }
     if (!r->head.headers) /* trimmed while idle (conn_trim_idle) */
-        r->head.headers = arena_alloc(&c->arena, sizeof(struct http_header) * r->head.max_headers_cap);
+        r->head.headers =
+            arena_alloc(&c->arena, sizeof(struct http_header) * r->head.max_headers_cap);
     struct http_parse_limits pl = {
         .max_head_bytes = limits(c)->max_header_bytes,
         .max_headers = limits(c)->max_headers,
@@ -1822,8 +1823,8 @@ static void conn_pump(struct conn *c)
 
 int conn_trim_idle(struct conn *c, uint64_t idle_before_ms)
 {
-    if (c->state != CS_HEAD || c->tls_hs || c->head_start_ms || buf_len(&c->in) ||
-        out_pending(c) || c->idle_since_ms > idle_before_ms || !c->req.head.headers)
+    if (c->state != CS_HEAD || c->tls_hs || c->head_start_ms || buf_len(&c->in) || out_pending(c) ||
+        c->idle_since_ms > idle_before_ms || !c->req.head.headers)
         return 0;
     /* Nothing of a request lives in the arena between requests. */
     arena_destroy(&c->arena);

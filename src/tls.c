@@ -49,6 +49,7 @@ struct tls_cert {
 };
 
 struct tls_server {
+    int refs;              /* the configuration's, plus one per connection (atomic) */
     int min_version;
     char *ciphers, *ciphersuites, *client_ca, *sid;
     enum tls_verify verify;
@@ -371,6 +372,7 @@ struct tls_server *tls_server_new(const struct tls_server_opts *o, char *why, si
 {
     pthread_once(&ticket_once, ticket_master_init);
     struct tls_server *s = xcalloc(1, sizeof(*s));
+    s->refs = 1;
     s->min_version = o->min_version ? o->min_version : TLS1_2_VERSION;
     s->ciphers = o->ciphers ? xstrdup(o->ciphers) : NULL;
     s->ciphersuites = o->ciphersuites ? xstrdup(o->ciphersuites) : NULL;
@@ -506,10 +508,9 @@ int tls_server_finish(struct tls_server *s, char *why, size_t whylen)
     return 0;
 }
 
-void tls_server_free(struct tls_server *s)
+/* The last reference is gone: no connection can call back into s. */
+static void server_destroy(struct tls_server *s)
 {
-    if (!s)
-        return;
     for (size_t i = 0; i < s->ngroups && s->groups; i++)
         SSL_CTX_free(s->groups[i]);
     free(s->groups);
@@ -530,6 +531,20 @@ void tls_server_free(struct tls_server *s)
     free(s);
 }
 
+static void server_unref(struct tls_server *s)
+{
+    if (__atomic_sub_fetch(&s->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        server_destroy(s);
+}
+
+/* The configuration lets go; connections still in a handshake keep s
+ * (SNI and ticket callbacks read it) until they close. */
+void tls_server_free(struct tls_server *s)
+{
+    if (s)
+        server_unref(s);
+}
+
 SSL *tls_server_conn(const struct tls_server *s, int fd)
 {
     SSL *ssl = SSL_new(s->groups[0]);
@@ -540,6 +555,7 @@ SSL *tls_server_conn(const struct tls_server *s, int fd)
         return NULL;
     }
     SSL_set_accept_state(ssl);
+    __atomic_add_fetch(&((struct tls_server *)s)->refs, 1, __ATOMIC_RELAXED);
     return ssl;
 }
 
@@ -832,7 +848,11 @@ void tls_close(SSL *ssl)
         SSL_shutdown(ssl);
         ERR_clear_error();
     }
+    /* A server connection holds a reference on its listener's server. */
+    struct tls_server *s = SSL_is_server(ssl) ? SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl)) : NULL;
     SSL_free(ssl);
+    if (s)
+        server_unref(s);
 }
 
 const char *tls_conn_version(SSL *ssl)

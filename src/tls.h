@@ -63,6 +63,8 @@ int tls_server_add_cert(struct tls_server *s, const char *cert, const char *key,
                         size_t whylen, int *which, char *warn, size_t warnlen);
 /* Build the contexts once every certificate is in. Returns 0 or -1. */
 int tls_server_finish(struct tls_server *s, char *why, size_t whylen);
+/* Drop the configuration's reference: the contexts and certificates go
+ * when the last connection made from them closes (tls_close). */
 void tls_server_free(struct tls_server *s);
 
 /* A new server-side SSL for an accepted socket, or NULL. */
@@ -108,7 +110,8 @@ ssize_t tls_read(SSL *ssl, void *buf, size_t n);
 ssize_t tls_writev(SSL *ssl, const struct iovec *iov, int n, int *stop);
 /* Are decrypted bytes waiting inside the SSL object? */
 int tls_pending(SSL *ssl);
-/* Send close_notify (best effort, never waits) and free. */
+/* Send close_notify (best effort, never waits) and free; every SSL from
+ * tls_server_conn / tls_client_conn must end here. */
 void tls_close(SSL *ssl);
 /* Did the handshake fail because the peer spoke plain HTTP? */
 int tls_peer_sent_http(void);

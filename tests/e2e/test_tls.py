@@ -670,3 +670,19 @@ def test_pipelined_requests_behind_a_paused_one(tls_gw, certs, portico_bin):
             assert chunk, data
             data += chunk
     assert all(b'"target": "/p%d"' % i in data for i in range(3))
+
+
+def test_shutdown_with_tls_connections_open(tls_gw, certs):
+    p, port, _ = tls_gw()
+    idle = tls_connect(port, client_ctx(certs))
+    assert https_get(idle)[0] == 200
+    half = socket.create_connection(("127.0.0.1", port))
+    half.sendall(b"\x16\x03\x01\x02\x00")  # mid-handshake
+    time.sleep(0.1)
+    assert p.stop() == 0
+    idle.settimeout(2)
+    assert idle.recv(100) == b""  # close_notify, then EOF
+    half.settimeout(2)
+    assert half.recv(100) == b""
+    idle.close()
+    half.close()
