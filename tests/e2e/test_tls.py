@@ -410,6 +410,23 @@ def test_resumption_with_openssl_cli(tls_gw, tmp_path):
         assert "Reused," in out, out
 
 
+def test_resumption_by_session_id_across_workers(tls_gw, certs):
+    """Without tickets, TLS 1.2 clients resume from the server's session
+    cache, which the workers share."""
+    _, port, _ = tls_gw(workers=2, session_tickets=False)
+    ctx = client_ctx(certs, maximum_version=ssl.TLSVersion.TLSv1_2)
+    with tls_connect(port, ctx) as s:
+        https_get(s)
+        sess = s.session
+        assert not sess.has_ticket
+    reused = 0
+    for _ in range(12):
+        with tls_connect(port, ctx, session=sess) as s:
+            https_get(s)
+            reused += s.session_reused
+    assert reused == 12
+
+
 def test_resumption_off(tls_gw, certs):
     _, port, _ = tls_gw(session_tickets=False, session_cache=0)
     ctx = client_ctx(certs)
