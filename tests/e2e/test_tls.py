@@ -703,3 +703,60 @@ def test_shutdown_with_tls_connections_open(tls_gw, certs):
     assert half.recv(100) == b""
     idle.close()
     half.close()
+
+
+def test_slow_reader_gets_every_byte(tls_gw, certs):
+    """A client that reads slowly makes TLS writes stop half-way (a record
+    written in part); they resume with the same bytes, and nothing is lost
+    or repeated."""
+    _, port, _ = tls_gw()
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    raw.connect(("127.0.0.1", port))
+    with client_ctx(certs).wrap_socket(raw, server_hostname="alpha.test") as s:
+        n = 4000000
+        s.sendall(b"GET /big/%d HTTP/1.1\r\nHost: alpha.test\r\n\r\n" % n)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        body = data.split(b"\r\n\r\n", 1)[1]
+        reads = 0
+        while len(body) < n:
+            chunk = s.recv(32768)
+            assert chunk
+            body += chunk
+            reads += 1
+            if reads % 16 == 0:
+                time.sleep(0.01)
+        assert body == (bytes(range(256)) * (n // 256 + 1))[:n]
+        # chunked, through the same connection
+        s.sendall(b"GET /bigchunked/300000 HTTP/1.1\r\nHost: alpha.test\r\n\r\n")
+        data = b""
+        while not data.endswith(b"0\r\n\r\n"):
+            chunk = s.recv(65536)
+            assert chunk
+            data += chunk
+        head, rest = data.split(b"\r\n\r\n", 1)
+        assert b"chunked" in head.lower()
+        out, pos = b"", 0
+        while True:
+            eol = rest.index(b"\r\n", pos)
+            size = int(rest[pos:eol], 16)
+            if size == 0:
+                break
+            out += rest[eol + 2:eol + 2 + size]
+            pos = eol + 2 + size + 2
+        assert out == (bytes(range(256)) * 1200)[:300000]
+
+
+def test_upstream_tls_slow_reader(gateway, certs):
+    """The upstream takes the body slowly: TLS writes to it stop half-way
+    and resume; the upstream gets every byte."""
+    g = gateway(upstream_opts={"tls": {"ca": certs.ca_crt}},
+                echo_args=("--tls-cert", certs.upstream_crt, "--tls-key", certs.upstream_key))
+    payload = os.urandom(3000000)
+    r = util.request(g.port, "POST", "/slowsink", body=payload, timeout=20)
+    assert r.status == 200
+    assert r.json()["sha256"] == hashlib.sha256(payload).hexdigest()
+    r = util.get(g.port, "/bigchunked/500000", timeout=10)
+    assert r.status == 200 and r.body == (bytes(range(256)) * 2000)[:500000]
