@@ -411,9 +411,10 @@ static void request_finish(struct conn *c)
 
 /* ---- reading ---------------------------------------------------------- */
 
-/* TLS records may sit decrypted inside the SSL object, where no edge will
- * announce them: a TLS connection stays readable until OpenSSL asks for
- * more bytes from the socket. */
+/* TLS records may sit inside the SSL object, where no edge will announce
+ * them: a TLS connection stays readable until OpenSSL holds nothing and
+ * its last socket read was short (tls_drained), as a plain one stays
+ * readable until a short read. */
 static int client_read_tls(struct conn *c, size_t space)
 {
     ssize_t n = tls_read(c->ssl, c->in.data + c->in.end, space);
@@ -421,6 +422,8 @@ static int client_read_tls(struct conn *c, size_t space)
     if (n > 0) {
         c->in.end += (size_t)n;
         c->req.bytes_in += (size_t)n;
+        if (!c->rdhup && tls_drained(c->ssl))
+            c->readable = 0;
         return 1;
     }
     if (n == TLS_WANT_READ || n == TLS_WANT_WRITE) {
@@ -1129,8 +1132,10 @@ static int upstream_read(struct conn *c, int *eof)
             n = -1;
             errno = ECONNRESET;
         } else if (n > 0) {
-            /* stays readable: OpenSSL may hold more (see client_read_tls) */
+            /* see client_read_tls */
             u->in.end += (size_t)n;
+            if (!u->rdhup && tls_drained(u->ssl))
+                u->readable = 0;
             c->req.up_activity_ms = worker_now_ms(c->w);
             return 1;
         }

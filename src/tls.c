@@ -23,7 +23,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 /* Mozilla's "intermediate" list for TLS 1.2 (ECDHE only: no DH
  * parameters to manage). */
@@ -67,6 +69,90 @@ struct tls_client {
     int verify;
     char *sni;
 };
+
+/* The socket BIO: OpenSSL's socket BIO, plus one fact the core needs
+ * to read like it does without TLS: did the last read() from the socket
+ * come back short (the socket is drained, and new bytes will bring a new
+ * edge)? Then a connection need not be read again until that edge. */
+struct sock_bio {
+    int fd;
+    int drained;
+};
+
+static BIO_METHOD *sock_method;
+static pthread_once_t sock_once = PTHREAD_ONCE_INIT;
+
+static int sock_read(BIO *b, char *buf, int len)
+{
+    struct sock_bio *d = BIO_get_data(b);
+    BIO_clear_retry_flags(b);
+    ssize_t n = read(d->fd, buf, (size_t)len);
+    if (n < 0) {
+        d->drained = errno == EAGAIN || errno == EWOULDBLOCK;
+        if (d->drained || errno == EINTR)
+            BIO_set_retry_read(b);
+        return -1;
+    }
+    d->drained = n < len;
+    return (int)n;
+}
+
+static int sock_write(BIO *b, const char *buf, int len)
+{
+    struct sock_bio *d = BIO_get_data(b);
+    BIO_clear_retry_flags(b);
+    ssize_t n = send(d->fd, buf, (size_t)len, MSG_NOSIGNAL);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        BIO_set_retry_write(b);
+    return (int)n;
+}
+
+static long sock_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+    (void)num, (void)ptr;
+    struct sock_bio *d = BIO_get_data(b);
+    switch (cmd) {
+    case BIO_CTRL_FLUSH:
+        return 1;
+    case BIO_C_GET_FD:
+        return d ? d->fd : -1;
+    default:
+        return 0;
+    }
+}
+
+static int sock_destroy(BIO *b)
+{
+    free(BIO_get_data(b));
+    BIO_set_data(b, NULL);
+    return 1;
+}
+
+static void sock_method_init(void)
+{
+    sock_method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "portico socket");
+    if (!sock_method)
+        die("BIO_meth_new failed");
+    BIO_meth_set_read(sock_method, sock_read);
+    BIO_meth_set_write(sock_method, sock_write);
+    BIO_meth_set_ctrl(sock_method, sock_ctrl);
+    BIO_meth_set_destroy(sock_method, sock_destroy);
+}
+
+/* Attach fd to ssl through the socket BIO. Returns 0 or -1. */
+static int attach_fd(SSL *ssl, int fd)
+{
+    pthread_once(&sock_once, sock_method_init);
+    BIO *b = BIO_new(sock_method);
+    if (!b)
+        return -1;
+    struct sock_bio *d = xcalloc(1, sizeof(*d));
+    d->fd = fd;
+    BIO_set_data(b, d);
+    BIO_set_init(b, 1);
+    SSL_set_bio(ssl, b, b); /* one reference, for both directions */
+    return 0;
+}
 
 static __thread char last_error[256];
 static __thread int last_http;
@@ -550,7 +636,7 @@ SSL *tls_server_conn(const struct tls_server *s, int fd)
     SSL *ssl = SSL_new(s->groups[0]);
     if (!ssl)
         return NULL;
-    if (SSL_set_fd(ssl, fd) != 1) {
+    if (attach_fd(ssl, fd) < 0) {
         SSL_free(ssl);
         return NULL;
     }
@@ -676,7 +762,7 @@ SSL *tls_client_conn(const struct tls_client *c, int fd, const char *ip_name, vo
     SSL *ssl = SSL_new(c->ctx);
     if (!ssl)
         return NULL;
-    if (SSL_set_fd(ssl, fd) != 1)
+    if (attach_fd(ssl, fd) < 0)
         goto fail;
     SSL_set_app_data(ssl, session);
     if (session && *session)
@@ -832,6 +918,12 @@ ssize_t tls_writev(SSL *ssl, const struct iovec *iov, int n, int *stop)
             }
         }
     }
+}
+
+int tls_drained(SSL *ssl)
+{
+    const struct sock_bio *d = BIO_get_data(SSL_get_rbio(ssl));
+    return d && d->drained && !SSL_has_pending(ssl);
 }
 
 int tls_pending(SSL *ssl)

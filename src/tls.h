@@ -108,8 +108,13 @@ ssize_t tls_read(SSL *ssl, void *buf, size_t n);
  * Contract (OpenSSL's retry rule): after a short write the caller calls
  * again with the same bytes first; more may follow. */
 ssize_t tls_writev(SSL *ssl, const struct iovec *iov, int n, int *stop);
-/* Are decrypted bytes waiting inside the SSL object? */
+/* Are bytes (decrypted, or read from the socket and not yet decrypted)
+ * waiting inside the SSL object? */
 int tls_pending(SSL *ssl);
+/* Nothing waits inside the SSL object and the last read from the socket
+ * came back short: like a short read() on a plain socket, the next bytes
+ * will bring an edge, so the caller may stop reading until then. */
+int tls_drained(SSL *ssl);
 /* Send close_notify (best effort, never waits) and free; every SSL from
  * tls_server_conn / tls_client_conn must end here. */
 void tls_close(SSL *ssl);
