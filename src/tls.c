@@ -51,7 +51,7 @@ struct tls_cert {
 };
 
 struct tls_server {
-    int refs;              /* the configuration's, plus one per connection (atomic) */
+    int refs; /* the configuration's, plus one per connection (atomic) */
     int min_version;
     char *ciphers, *ciphersuites, *client_ca, *sid;
     enum tls_verify verify;
