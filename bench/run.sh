@@ -12,17 +12,24 @@
 #                    the table shows the median of the rounds
 #   BENCH_CONNS      wrk connections (default 64)
 #   BENCH_PROXIES    subset/order of "portico nginx haproxy"
-#   BENCH_CASES      subset of "small 4k 64k close filters ratelimit jwt"
-#                    (default: all but filters, ratelimit and jwt). "filters"
-#                    measures Portico alone: the route without filters vs
-#                    the same route with request_id, headers and cors, and
-#                    prints the ratio (goal >= 0.95). "ratelimit": the route
-#                    without filters vs one rate_limit kept in process vs
-#                    one in Redis (a redis-server is started), with Redis
-#                    commands per request (goals 0.97 and 0.85). "jwt":
-#                    the route without auth vs jwt_auth with RS256 and
-#                    ES256 tokens, with and without the verified-token
-#                    cache (goal with it >= 0.90)
+#   BENCH_CASES      subset of "small 4k 64k close filters ratelimit jwt tls
+#                    tlsnew tlsidle" (default: small 4k 64k close).
+#                    "filters" measures Portico alone: the route without
+#                    filters vs the same route with request_id, headers
+#                    and cors, and prints the ratio (goal >= 0.95).
+#                    "ratelimit": the route without filters vs one
+#                    rate_limit kept in process vs one in Redis (a
+#                    redis-server is started), with Redis commands per
+#                    request (goals 0.97 and 0.85). "jwt": the route
+#                    without auth vs jwt_auth with RS256 and ES256 tokens,
+#                    with and without the verified-token cache (goal with
+#                    it >= 0.90). "tls": /small with keep-alive over TLS;
+#                    "tlsnew": a new TLS connection (full handshake) per
+#                    request; "tlsidle": the proxies' memory with
+#                    BENCH_IDLE_CONNS (5000) idle TLS connections open
+#   BENCH_IDLE_CONNS idle TLS connections for tlsidle (default 5000)
+#   BENCH_PORT_BASE  first of the ports used (default 18800: origin 18800,
+#                    proxies 18801-18808, their TLS listeners 18811-18813)
 #   BENCH_PROXY_CPU  core for the proxy under test (default 0)
 #   BENCH_LOAD_CPU   core for the origin and wrk (default 1)
 #   BENCH_OUT        if set, the raw results (TSV) are copied there
@@ -42,8 +49,12 @@ PROXY_CPU=${BENCH_PROXY_CPU:-0}
 LOAD_CPU=${BENCH_LOAD_CPU:-1}
 PORTICO_BIN=${PORTICO_BIN:-$ROOT/build/src/portico}
 
-PORT_ORIGIN=18800
-declare -A PORT=([portico]=18801 [nginx]=18802 [haproxy]=18803)
+B=${BENCH_PORT_BASE:-18800}
+PORT_ORIGIN=$B
+declare -A PORT=([portico]=$((B + 1)) [nginx]=$((B + 2)) [haproxy]=$((B + 3)))
+# TLS listeners of the same processes, used by the tls* cases only.
+declare -A TLSPORT=([portico]=$((B + 11)) [nginx]=$((B + 12)) [haproxy]=$((B + 13)))
+BENCH_IDLE_CONNS=${BENCH_IDLE_CONNS:-5000}
 ORIGIN="127.0.0.1:$PORT_ORIGIN"
 
 die() { echo "bench: $*" >&2; exit 1; }
@@ -60,10 +71,20 @@ done
 FILTERS=0
 RATELIMIT=0
 JWT=0
-CMP_CASES=() # the cases that compare the proxies (all but "filters")
+TLS=0
+IDLE=0
+CMP_CASES=() # the cases that compare the proxies with wrk (not "filters", "tlsidle", ...)
 for c in "${CASES[@]}"; do
     case $c in
         small | 4k | 64k | close) CMP_CASES+=("$c") ;;
+        tls | tlsnew)
+            CMP_CASES+=("$c")
+            TLS=1
+            ;;
+        tlsidle)
+            TLS=1
+            IDLE=1
+            ;;
         filters) FILTERS=1 ;;
         ratelimit) RATELIMIT=1 ;;
         jwt) JWT=1 ;;
@@ -71,24 +92,24 @@ for c in "${CASES[@]}"; do
     esac
 done
 # Only "filters": no other proxy needs to run.
-((${#CMP_CASES[@]})) || PROXIES=()
+((${#CMP_CASES[@]} || IDLE)) || PROXIES=()
 if ((FILTERS)); then
     # The filtered twin of "portico": same binary and route, plus filters.
-    PORT[portico_filters]=18804
+    PORT[portico_filters]=$((B + 4))
     FILTER_ORIGIN="https://app.example.com" # allowed by bench/conf/portico-filters.json
 fi
 if ((RATELIMIT)); then
     command -v redis-server >/dev/null && command -v redis-cli >/dev/null ||
         die "the ratelimit case needs redis-server and redis-cli"
-    PORT[portico_rl_local]=18805
-    PORT[portico_rl_redis]=18806
-    PORT_REDIS=18807
+    PORT[portico_rl_local]=$((B + 5))
+    PORT[portico_rl_redis]=$((B + 6))
+    PORT_REDIS=$((B + 7))
 fi
 # The jwt case's runners: one Portico (portico_jwt), one route each.
 JWT_RUNNERS=(jwt_none jwt_rs jwt_rs_nocache jwt_es jwt_es_nocache)
 declare -A RUNNER_PROC=()
 if ((JWT)); then
-    PORT[portico_jwt]=18808
+    PORT[portico_jwt]=$((B + 8))
     for r in "${JWT_RUNNERS[@]}"; do RUNNER_PROC[$r]=portico_jwt; done
 fi
 if [[ " ${PROXIES[*]} " == *" portico "* ]] || ((FILTERS)) || ((RATELIMIT)) || ((JWT)); then
@@ -96,7 +117,7 @@ if [[ " ${PROXIES[*]} " == *" portico "* ]] || ((FILTERS)) || ((RATELIMIT)) || (
 cd build && ../configure && make) or set PORTICO_BIN"
 fi
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for port in "$PORT_ORIGIN" "${PORT[@]}" ${PORT_REDIS:-}; do
+for port in "$PORT_ORIGIN" "${PORT[@]}" "${TLSPORT[@]}" ${PORT_REDIS:-}; do
     ! port_busy "$port" || die "port $port is already in use; stop whatever listens there"
 done
 ncpu=$(nproc)
@@ -137,14 +158,31 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# render TEMPLATE OUT DIR PORT: fill a bench/conf template.
+# render TEMPLATE OUT DIR PORT [TLSPORT]: fill a bench/conf template; with
+# the TLS cases, "#TLS " lines are kept and Portico gets a TLS listener.
 render() {
-    local user=""
+    local user="" tls_on=() tls_listener=""
     # nginx started as root would switch its worker to "nobody", which cannot
     # read our private temp dir; as any other user the directive is moot.
     [[ $(id -u) -ne 0 ]] || user="user root;"
+    if ((TLS)) && [[ -n ${5:-} ]]; then
+        tls_on=(-e 's|^\([[:space:]]*\)#TLS |\1|')
+        tls_listener=", { \"address\": \"127.0.0.1:$5\", \"tls\": { \"certificates\": [ { \"cert\": \"$TMP/tls/cert.pem\", \"key\": \"$TMP/tls/key.pem\" } ] } }"
+    fi
     sed -e "s|@DIR@|$3|g" -e "s|@PORT@|$4|g" -e "s|@UPSTREAM@|$ORIGIN|g" \
-        -e "s|@USER@|$user|g" -e "s|@REDIS@|${PORT_REDIS:-0}|g" "$ROOT/bench/conf/$1" >"$2"
+        -e "s|@USER@|$user|g" -e "s|@REDIS@|${PORT_REDIS:-0}|g" -e "s|@TLSPORT@|${5:-}|g" -e "s|@TLSDIR@|$TMP/tls|g" \
+        -e "s|@TLS_LISTENER@|$tls_listener|g" "${tls_on[@]}" "$ROOT/bench/conf/$1" >"$2"
+}
+
+# One ECDSA P-256 certificate for every proxy: the same key exchange,
+# signature and (TLS 1.3 default) cipher on all three.
+make_cert() {
+    mkdir -p "$TMP/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj /CN=bench.test -addext subjectAltName=DNS:bench.test,IP:127.0.0.1 \
+        -keyout "$TMP/tls/key.pem" -out "$TMP/tls/cert.pem" >/dev/null 2>&1 ||
+        die "openssl cannot make the bench certificate"
+    cat "$TMP/tls/cert.pem" "$TMP/tls/key.pem" >"$TMP/tls/haproxy.pem"
 }
 
 # start NAME CPU LOGFILE command...: run in the background, pinned.
@@ -170,10 +208,10 @@ wait_up() {
     die "$name does not listen on port $port after 5 s (log above)"
 }
 
-start_nginx() { # start_nginx NAME TEMPLATE PORT CPU
+start_nginx() { # start_nginx NAME TEMPLATE PORT CPU [TLSPORT]
     local name=$1 dir=$TMP/$1
     mkdir -p "$dir"
-    render "$2" "$dir/nginx.conf" "$dir" "$3"
+    render "$2" "$dir/nginx.conf" "$dir" "$3" "${5:-}"
     start "$name" "$4" "$dir/stderr.log" \
         nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" -g 'daemon off;'
     wait_up "$name" "$3" "$dir/error.log"
@@ -190,17 +228,17 @@ start_origin() {
 start_proxy() {
     local p=$1 dir=$TMP/$1
     case $p in
-        nginx) start_nginx nginx proxy-nginx.conf "${PORT[nginx]}" "$PROXY_CPU" ;;
+        nginx) start_nginx nginx proxy-nginx.conf "${PORT[nginx]}" "$PROXY_CPU" "${TLSPORT[nginx]}" ;;
         haproxy)
             mkdir -p "$dir"
-            render haproxy.cfg "$dir/haproxy.cfg" "$dir" "${PORT[haproxy]}"
+            render haproxy.cfg "$dir/haproxy.cfg" "$dir" "${PORT[haproxy]}" "${TLSPORT[haproxy]}"
             haproxy -c -q -f "$dir/haproxy.cfg" || die "haproxy rejects $dir/haproxy.cfg"
             start haproxy "$PROXY_CPU" "$dir/haproxy.log" haproxy -f "$dir/haproxy.cfg" -db
             wait_up haproxy "${PORT[haproxy]}" "$dir/haproxy.log"
             ;;
         portico)
             mkdir -p "$dir"
-            render portico.json "$dir/portico.json" "$dir" "${PORT[portico]}"
+            render portico.json "$dir/portico.json" "$dir" "${PORT[portico]}" "${TLSPORT[portico]}"
             start portico "$PROXY_CPU" "$dir/portico.log" "$PORTICO_BIN" -c "$dir/portico.json"
             wait_up portico "${PORT[portico]}" "$dir/portico.log"
             ;;
@@ -298,7 +336,7 @@ verify_jwt() {
 # ---------------------------------------------------------------- correctness
 
 path_of() {
-    case $1 in small | close | filters | ratelimit) echo /small ;; 4k) echo /4k.bin ;; 64k) echo /64k.bin ;; esac
+    case $1 in small | close | filters | ratelimit | tls*) echo /small ;; 4k) echo /4k.bin ;; 64k) echo /64k.bin ;; esac
 }
 expected_of() {
     case $1 in
@@ -327,6 +365,14 @@ verify() {
     out=$(curl -sS --max-time 5 -o /dev/null -o /dev/null -w '%{num_connects} ' \
         "http://127.0.0.1:$port/small" "http://127.0.0.1:$port/small")
     [[ $out == "1 0 " ]] || die "$name: did not keep the client connection alive (new connects: $out)"
+    ((TLS)) && [[ -n ${TLSPORT[$name]:-} ]] || return 0
+    url="https://127.0.0.1:${TLSPORT[$name]}/small"
+    code=$(curl -sSk --max-time 5 -o "$got" -w '%{http_code}' "$url" 2>&1) ||
+        die "$name: GET $url failed: $code"
+    [[ $code == 200 ]] && cmp -s "$got" "$TMP/origin/small.expected" ||
+        die "$name: GET $url answered $code or a different body"
+    out=$(curl -sSk --max-time 5 -o /dev/null -o /dev/null -w '%{num_connects} ' "$url" "$url")
+    [[ $out == "1 0 " ]] || die "$name: did not keep the TLS connection alive (new connects: $out)"
 }
 
 # verify_filters PORT: the filters really run: each one's mark is on the
@@ -377,11 +423,12 @@ cpu_ticks() {
     echo "$total"
 }
 
-# wrk_run PORT CASE SECONDS OUTFILE [RUNNER]
+# wrk_run PORT CASE SECONDS OUTFILE [RUNNER] (the tls* cases take the TLS port)
 wrk_run() {
-    local url hdr=()
-    url="http://127.0.0.1:$1$(path_of "$2")"
-    [[ $2 != close ]] || hdr=(-H "Connection: close")
+    local url hdr=() scheme=http
+    [[ $2 != tls* ]] || scheme=https
+    url="$scheme://127.0.0.1:$1$(path_of "$2")"
+    [[ $2 != close && $2 != tlsnew ]] || hdr=(-H "Connection: close")
     [[ $2 != filters ]] || hdr=(-H "Origin: $FILTER_ORIGIN")
     [[ $2 != over ]] || url="http://127.0.0.1:$1/over"
     if [[ $2 == jwt ]]; then
@@ -404,13 +451,15 @@ printf 'case\tproxy\tround\trps\tp50_us\tp99_us\tcpu_pct\tcpu_us_per_req\terrors
 
 measure() { # measure CASE PROXY ROUND (PROXY: a proxy, or a runner of the jwt case)
     local c=$1 p=$2 r=$3 out=$TMP/wrk-$1-$2-$3.txt proc=${RUNNER_PROC[$2]:-$2}
-    wrk_run "${PORT[$proc]}" "$c" "$BENCH_WARMUP" "$TMP/warmup.txt" "$p" ||
+    local port=${PORT[$proc]}
+    [[ $c != tls* ]] || port=${TLSPORT[$p]}
+    wrk_run "$port" "$c" "$BENCH_WARMUP" "$TMP/warmup.txt" "$p" ||
         die "$p/$c: wrk warm-up failed: $(cat "$TMP/warmup.txt")"
     local t0 t1 n0 n1 rc0=0 rc1=0
     [[ $p != portico_rl_redis ]] || rc0=$(redis_calls)
     t0=$(cpu_ticks "${PID[$proc]}")
     n0=$(date +%s%N)
-    wrk_run "${PORT[$proc]}" "$c" "$BENCH_SECONDS" "$out" "$p" || die "$p/$c: wrk failed: $(cat "$out")"
+    wrk_run "$port" "$c" "$BENCH_SECONDS" "$out" "$p" || die "$p/$c: wrk failed: $(cat "$out")"
     n1=$(date +%s%N)
     t1=$(cpu_ticks "${PID[$proc]}")
     [[ $p != portico_rl_redis ]] || rc1=$(redis_calls)
@@ -443,9 +492,61 @@ measure() { # measure CASE PROXY ROUND (PROXY: a proxy, or a runner of the jwt c
     fi
 }
 
+# measure_idle PROXY: the proxy's resident memory (process and children)
+# before and while BENCH_IDLE_CONNS TLS connections are open and idle, each
+# after one keep-alive request.
+IDLE_RESULTS=$TMP/idle.tsv
+printf 'proxy\tconns\trss_before_kb\trss_idle_kb\tbytes_per_conn\n' >"$IDLE_RESULTS"
+measure_idle() {
+    local p=$1 line
+    line=$(taskset -c "$LOAD_CPU" "$PY" - "${PID[$p]}" "${TLSPORT[$p]}" "$BENCH_IDLE_CONNS" <<'PYEOF'
+import os, socket, ssl, sys, time
+pid, port, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def rss_kb():
+    pids = [pid]
+    try:
+        for t in os.listdir("/proc/%d/task" % pid):
+            pids += [int(x) for x in open("/proc/%d/task/%s/children" % (pid, t)).read().split()]
+    except OSError:
+        pass
+    total = 0
+    for q in set(pids):
+        for line in open("/proc/%d/status" % q):
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+before = rss_kb()
+conns = []
+req = b"GET /small HTTP/1.1\r\nHost: bench\r\n\r\n"
+for i in range(n):
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="bench.test")
+    s.sendall(req)
+    got = b""
+    while not got.endswith(b"origin\n"):
+        d = s.recv(4096)
+        if not d:
+            sys.exit("connection %d closed by the proxy" % i)
+        got += d
+    conns.append(s)
+time.sleep(2)
+idle = rss_kb()
+print("%d\t%d\t%d\t%.0f" % (len(conns), before, idle, (idle - before) * 1024.0 / len(conns)))
+for s in conns:
+    s.close()
+PYEOF
+) || die "$p/tlsidle: could not hold $BENCH_IDLE_CONNS TLS connections"
+    printf '%s\t%s\n' "$p" "$line" >>"$IDLE_RESULTS"
+    log "tlsidle $p: $(echo "$line" | awk -F'\t' '{printf "%d conns, RSS %d -> %d kB, %d bytes/conn", $1, $2, $3, $4}')"
+    sleep 1 # let the proxy close them
+}
+
 # ---------------------------------------------------------------- main
 
 log "temp dir $TMP; proxies on CPU $PROXY_CPU, origin and wrk on CPU $LOAD_CPU"
+((!TLS)) || make_cert
 start_origin
 verify origin "$PORT_ORIGIN"
 STARTED=("${PROXIES[@]}")
@@ -473,7 +574,7 @@ for p in "${STARTED[@]}"; do
     log "$p answers correctly on port ${PORT[$p]}"
 done
 
-total=$(( (${#CMP_CASES[@]} * ${#PROXIES[@]} + 2 * FILTERS + 3 * RATELIMIT + ${#JWT_RUNNERS[@]} * JWT) * BENCH_ROUNDS * (BENCH_SECONDS + BENCH_WARMUP) ))
+total=$(( (${#CMP_CASES[@]} * ${#PROXIES[@]} + 2 * FILTERS + 3 * RATELIMIT + ${#JWT_RUNNERS[@]} * JWT) * BENCH_ROUNDS * (BENCH_SECONDS + BENCH_WARMUP) + IDLE * 15 * ${#PROXIES[@]} ))
 what="${CMP_CASES[*]} x ${PROXIES[*]}"
 ((${#CMP_CASES[@]})) || what=""
 ((!FILTERS)) || what="${what:+$what, }filters x portico portico_filters"
@@ -481,6 +582,12 @@ what="${CMP_CASES[*]} x ${PROXIES[*]}"
 ((!JWT)) || what="${what:+$what, }jwt x ${JWT_RUNNERS[*]}"
 log "measuring: $what x $BENCH_ROUNDS round(s), about ${total}s"
 for c in "${CASES[@]}"; do
+    if [[ $c == tlsidle ]]; then
+        for p in "${PROXIES[@]}"; do
+            measure_idle "$p"
+        done
+        continue
+    fi
     if [[ $c == filters ]]; then
         runners=(portico portico_filters)
     elif [[ $c == ratelimit ]]; then
@@ -510,14 +617,15 @@ if ((RATELIMIT)); then
 fi
 
 [[ -z ${BENCH_OUT:-} ]] || cp "$RESULTS" "$BENCH_OUT"
+[[ -z ${BENCH_OUT:-} ]] || ((!IDLE)) || cp "$IDLE_RESULTS" "$BENCH_OUT.idle"
 
 echo
-versions="$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | awk 'NR == 1 {print "HAProxy " $3}')"
+versions="$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v 2>&1 | awk 'NR == 1 {print "HAProxy " $3}')"
 if [[ " ${STARTED[*]} " == *" portico "* ]]; then
     versions="$("$PORTICO_BIN" --version 2>/dev/null | head -1 || echo portico), $versions"
 fi
 echo "$versions; wrk -t1 -c$BENCH_CONNS; ${BENCH_SECONDS}s x $BENCH_ROUNDS round(s); proxy on CPU $PROXY_CPU"
-"$PY" - "$RESULTS" "$TMP/redis-calls.tsv" <<'EOF'
+"$PY" - "$RESULTS" "$TMP/redis-calls.tsv" "$IDLE_RESULTS" <<'EOF'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 med = {}
@@ -612,6 +720,14 @@ if ("jwt", "jwt_none") in med:
         cr = m(base, "cpu_us_per_req") / m(rs, "cpu_us_per_req") if m(rs, "cpu_us_per_req") else 0
         below = "cache" in label and "no cache" not in label and min(rr, cr) < 0.90
         print("  %-16s req/s %.2fx, per-CPU %.2fx%s" % (label, rr, cr, "  BELOW GOAL" if below else ""))
+idle = list(csv.DictReader(open(sys.argv[3]), delimiter="\t"))
+if idle:
+    print()
+    print("tlsidle: resident memory with idle TLS connections open (after one request each)")
+    print("%-8s %7s %14s %14s %15s" % ("proxy", "conns", "RSS before kB", "RSS idle kB", "bytes per conn"))
+    for r in idle:
+        print("%-8s %7s %14s %14s %15s" % (r["proxy"], r["conns"], r["rss_before_kb"],
+                                            r["rss_idle_kb"], r["bytes_per_conn"]))
 if any(int(r["errors"]) for r in rows):
     print("\nWARNING: some runs had errors (non-2xx or socket errors): see the log above.")
 EOF

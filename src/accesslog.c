@@ -81,6 +81,12 @@ size_t accesslog_format(const struct accesslog_entry *e, char *out, size_t cap)
         put_str(&o, e->endpoint, strlen(e->endpoint), 128);
     else
         put(&o, "null", 4);
+    if (e->tls_version) {
+        put(&o, ",\"tls_version\":", 15);
+        put_str(&o, e->tls_version, strlen(e->tls_version), 32);
+        put(&o, ",\"tls_cipher\":", 14);
+        put_str(&o, e->tls_cipher, strlen(e->tls_cipher), 64);
+    }
     /* Filters' fields, bounded so the line always fits. */
     size_t budget = 2048;
     for (const struct kv *f = e->fields; f && budget > 0; f = f->next) {
@@ -177,6 +183,12 @@ static void put_var(struct out *o, const struct accesslog_entry *e, const char *
     } else if (IS("route")) {
         if (e->route)
             put_text(o, e->route, strlen(e->route), 128);
+        else
+            put(o, "-", 1);
+    } else if (IS("tls_version") || IS("tls_cipher")) {
+        const char *v = n == 11 ? e->tls_version : e->tls_cipher;
+        if (v)
+            put_text(o, v, strlen(v), 64);
         else
             put(o, "-", 1);
     } else if (IS("upstream")) {

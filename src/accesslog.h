@@ -25,6 +25,7 @@ struct accesslog_entry {
     int has_upstream;
     const char *route;     /* NULL when no route matched */
     const char *endpoint;  /* NULL when no upstream was used */
+    const char *tls_version, *tls_cipher; /* NULL on plain connections (then not logged) */
     const struct kv *fields; /* added by filters, in order */
 };
 
@@ -34,7 +35,7 @@ size_t accesslog_format(const struct accesslog_entry *e, char *out, size_t cap);
 
 /* The same as a text line from a template: "%{name}" is replaced by a
  * field (time, client, method, host, path, status, bytes_in, bytes_out,
- * duration_ms, upstream_ms, route, upstream) or a filter's field
+ * duration_ms, upstream_ms, route, upstream, tls_version, tls_cipher) or a filter's field
  * (request_id, ...), "-" when absent; values are escaped (\xHH). */
 size_t accesslog_format_text(const struct accesslog_entry *e, const char *tmpl, char *out,
                              size_t cap);

@@ -31,6 +31,7 @@
 
 #include "log.h"
 #include "router.h"
+#include "tls.h"
 #include "uri.h"
 
 #define MAX_ERRORS 100               /* further problems are counted, not listed */
@@ -489,10 +490,206 @@ static int name_item_order(const void *a, const void *b)
     return c ? c : (x->index < y->index ? -1 : x->index > y->index);
 }
 
+static void warn_add(struct load *ld, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void warn_add(struct load *ld, const char *fmt, ...)
+{
+    char msg[MSG_MAX];
+    int n = snprintf(msg, sizeof(msg), "%s: ", ld->path.p ? ld->path.p : "");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg + n, sizeof(msg) - (size_t)n, fmt, ap);
+    va_end(ap);
+    struct config *c = ld->cfg;
+    c->warnings = xrealloc(c->warnings, (c->nwarnings + 1) * sizeof(char *));
+    c->warnings[c->nwarnings++] = xstrdup(msg);
+}
+
+/* A path from the file, relative to the config's directory; NULL (and a
+ * problem recorded) when present but not a non-empty string. */
+static char *get_path(struct load *ld, json_t *obj, const char *key)
+{
+    json_t *v = get_string(ld, obj, key);
+    if (!v)
+        return NULL;
+    if (!*json_string_value(v)) {
+        err_key(ld, key, "must not be empty");
+        return NULL;
+    }
+    return config_resolve_path(ld->dir, json_string_value(v));
+}
+
+static int valid_header_name(const char *s)
+{
+    if (!*s)
+        return 0;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
+              *s == '-'))
+            return 0;
+    return 1;
+}
+
+static void parse_client_cert_headers(struct load *ld, json_t *tls, struct config_listener *l)
+{
+    static const char *const known[] = { "subject", "fingerprint", NULL };
+    json_t *h = get_typed(ld, tls, "client_cert_headers", JSON_OBJECT);
+    if (!h)
+        return;
+    push_key(ld, "client_cert_headers");
+    check_keys(ld, h, known, NULL);
+    char **out[] = { &l->client_subject_header, &l->client_fp_header };
+    for (int i = 0; i < 2; i++) {
+        json_t *v = get_string(ld, h, known[i]);
+        if (!v)
+            continue;
+        if (!valid_header_name(json_string_value(v)))
+            err_key(ld, known[i], "not a header name (letters, digits and '-')");
+        else
+            *out[i] = xstrdup(json_string_value(v));
+    }
+    pop(ld);
+}
+
+/* The listener's "tls" block: options first, then the certificates. */
+static void parse_listener_tls(struct load *ld, json_t *tls, struct config_listener *l)
+{
+    static const char *const known[] = {
+        "certificates", "min_version", "ciphers", "ciphersuites", "client_ca", "verify",
+        "client_cert_headers", "session_cache", "session_tickets", "ticket_rotation_s",
+        "handshake_timeout_ms", NULL,
+    };
+    char why[512], warn[512], shown[SHOW_BUF];
+    struct tls_server_opts o = { .session_cache = -1 };
+    long long cache, rot;
+    if (!json_is_object(tls)) {
+        err(ld,
+            "expected an object like {\"certificates\": [{\"cert\": \"a.crt\", \"key\": "
+            "\"a.key\"}]}, "
+            "got %s",
+            type_name(tls));
+        return;
+    }
+    check_keys(ld, tls, known, NULL);
+    size_t before = ld->nprobs;
+    json_t *mv = get_string(ld, tls, "min_version");
+    if (mv) {
+        o.min_version = tls_version_parse(json_string_value(mv));
+        if (!o.min_version)
+            err_key(ld, "min_version",
+                    "%s is not one of \"TLSv1.0\", \"TLSv1.1\", \"TLSv1.2\", \"TLSv1.3\"",
+                    show(ld, mv, shown, sizeof(shown)));
+    }
+    json_t *ci = get_string(ld, tls, "ciphers"), *cs = get_string(ld, tls, "ciphersuites");
+    o.ciphers = ci ? json_string_value(ci) : NULL;
+    o.ciphersuites = cs ? json_string_value(cs) : NULL;
+    char *client_ca = get_path(ld, tls, "client_ca");
+    o.client_ca = client_ca;
+    json_t *vf = get_string(ld, tls, "verify");
+    o.verify = client_ca ? TLS_VERIFY_REQUIRED : TLS_VERIFY_NONE;
+    if (vf) {
+        const char *v = json_string_value(vf);
+        if (!client_ca)
+            err_key(ld, "verify", "needs \"client_ca\" (the CA that signs client certificates)");
+        else if (strcmp(v, "optional") == 0)
+            o.verify = TLS_VERIFY_OPTIONAL;
+        else if (strcmp(v, "required") != 0)
+            err_key(ld, "verify", "%s is not one of \"required\", \"optional\"",
+                    show(ld, vf, shown, sizeof(shown)));
+    }
+    parse_client_cert_headers(ld, tls, l);
+    if ((l->client_subject_header || l->client_fp_header) && !client_ca)
+        err_key(ld, "client_cert_headers",
+                "needs \"client_ca\" (only verified certificates are passed on)");
+    get_int(ld, tls, "session_cache", 0, 10000000, -1, &cache);
+    o.session_cache = (long)cache;
+    get_bool(ld, tls, "session_tickets", 1, &o.session_tickets);
+    get_int(ld, tls, "ticket_rotation_s", 60, 7 * 86400, 3600, &rot);
+    o.ticket_rotation_s = (int)rot;
+    get_timeout(ld, tls, "handshake_timeout_ms", 10000, &l->tls_handshake_timeout_ms);
+    o.session_id = l->address;
+    json_t *certs = get_typed(ld, tls, "certificates", JSON_ARRAY);
+    if (!json_object_get(tls, "certificates"))
+        err_key(ld, "certificates",
+                "required (like [{\"cert\": \"/etc/portico/tls/a.crt\", \"key\": "
+                "\"/etc/portico/tls/a.key\"}])");
+    else if (certs && json_array_size(certs) == 0)
+        err_key(ld, "certificates", "must not be empty");
+    if (ld->nprobs != before || !certs || json_array_size(certs) == 0) {
+        free(client_ca);
+        return;
+    }
+    struct tls_server *s = tls_server_new(&o, why, sizeof(why));
+    free(client_ca);
+    if (!s) {
+        err(ld, "%s", why);
+        return;
+    }
+    push_key(ld, "certificates");
+    for (size_t i = 0; i < json_array_size(certs); i++) {
+        static const char *const ckeys[] = { "cert", "key", NULL };
+        json_t *e = json_array_get(certs, i);
+        push_index(ld, i);
+        if (!json_is_object(e)) {
+            err(ld, "expected an object like {\"cert\": \"a.crt\", \"key\": \"a.key\"}, got %s",
+                type_name(e));
+            pop(ld);
+            continue;
+        }
+        check_keys(ld, e, ckeys, NULL);
+        char *cp = get_path(ld, e, "cert"), *kp = get_path(ld, e, "key");
+        if (!json_object_get(e, "cert"))
+            err_key(ld, "cert", "required (a PEM file: the certificate, then its chain)");
+        if (!json_object_get(e, "key"))
+            err_key(ld, "key", "required (a PEM file with the private key)");
+        int which = 0;
+        if (cp && kp &&
+            tls_server_add_cert(s, cp, kp, why, sizeof(why), &which, warn, sizeof(warn)) < 0)
+            err_key(ld, which ? "key" : "cert", "%s", why);
+        else if (cp && kp && warn[0])
+            warn_add(ld, "%s", warn);
+        free(cp);
+        free(kp);
+        pop(ld);
+    }
+    pop(ld);
+    if (ld->nprobs == before && tls_server_finish(s, why, sizeof(why)) < 0)
+        err(ld, "%s", why);
+    if (ld->nprobs != before) {
+        tls_server_free(s);
+        return;
+    }
+    l->tls = s;
+}
+
+/* "redirect_to_https": true, or {"port": 8443}. */
+static void parse_redirect(struct load *ld, json_t *obj, struct config_listener *l)
+{
+    static const char *const known[] = { "port", NULL };
+    json_t *v = json_object_get(obj, "redirect_to_https");
+    if (!v)
+        return;
+    if (json_is_boolean(v)) {
+        l->redirect_to_https = json_is_true(v);
+    } else if (json_is_object(v)) {
+        push_key(ld, "redirect_to_https");
+        check_keys(ld, v, known, NULL);
+        get_int_field(ld, v, "port", 1, 65535, 0, &l->redirect_port);
+        if (l->redirect_port == 443)
+            l->redirect_port = 0;
+        pop(ld);
+        l->redirect_to_https = 1;
+    } else {
+        err_key(ld, "redirect_to_https", "expected true, false or {\"port\": 8443}, got %s",
+                type_name(v));
+        return;
+    }
+    if (l->redirect_to_https && json_object_get(obj, "tls"))
+        err_key(ld, "redirect_to_https", "only for a plain listener (this one has \"tls\")");
+}
+
 static void parse_listener(struct load *ld, json_t *obj, struct config_listener *l)
 {
-    static const char *const known[] = { "address", "backlog", NULL };
-    static const char *const later[] = { "tls", NULL };
+    static const char *const known[] = { "address", "backlog", "tls", "redirect_to_https", NULL };
     char why[128], shown[SHOW_BUF];
     long long backlog;
 
@@ -500,17 +697,24 @@ static void parse_listener(struct load *ld, json_t *obj, struct config_listener 
         err(ld, "expected an object like {\"address\": \"127.0.0.1:8080\"}, got %s", type_name(obj));
         return;
     }
-    check_keys(ld, obj, known, later);
+    check_keys(ld, obj, known, NULL);
     get_int(ld, obj, "backlog", 1, 65535, 511, &backlog);
     l->backlog = (int)backlog;
     json_t *a = get_string(ld, obj, "address");
     if (!json_object_get(obj, "address"))
         err_key(ld, "address", "required (like \"127.0.0.1:8080\", \"[::1]:8080\" or \"*:8080\")");
-    if (!a)
-        return;
-    l->address = xstrdup(json_string_value(a));
-    if (addr_parse(l->address, &l->addr, &l->addrlen, why, sizeof(why)) < 0)
-        err_key(ld, "address", "%s: %s", show(ld, a, shown, sizeof(shown)), why);
+    if (a) {
+        l->address = xstrdup(json_string_value(a));
+        if (addr_parse(l->address, &l->addr, &l->addrlen, why, sizeof(why)) < 0)
+            err_key(ld, "address", "%s: %s", show(ld, a, shown, sizeof(shown)), why);
+    }
+    parse_redirect(ld, obj, l);
+    json_t *tls = json_object_get(obj, "tls");
+    if (tls) {
+        push_key(ld, "tls");
+        parse_listener_tls(ld, tls, l);
+        pop(ld);
+    }
 }
 
 /* "admin": { "address": "127.0.0.1:9901", "token": "${ADMIN_TOKEN}" }.
@@ -772,11 +976,59 @@ static void parse_endpoints(struct load *ld, json_t *obj, struct config_upstream
     pop(ld);
 }
 
+static int valid_host_name(const char *h);
+
+/* An upstream's "tls": {"verify", "ca", "sni", "cert", "key"} (or true). */
+static void parse_upstream_tls(struct load *ld, json_t *tls, struct config_upstream *u)
+{
+    static const char *const known[] = { "verify", "ca", "sni", "cert", "key", NULL };
+    static const char *const which_key[] = { "ca", "cert", "key" };
+    char why[512];
+    struct tls_client_opts o = { .verify = 1 };
+    if (json_is_false(tls))
+        return;
+    if (!json_is_true(tls) && !json_is_object(tls)) {
+        err(ld, "expected true or an object like {\"verify\": true, \"ca\": \"ca.pem\"}, got %s",
+            type_name(tls));
+        return;
+    }
+    size_t before = ld->nprobs;
+    char *ca = NULL, *cert = NULL, *key = NULL;
+    if (json_is_object(tls)) {
+        check_keys(ld, tls, known, NULL);
+        get_bool(ld, tls, "verify", 1, &o.verify);
+        ca = get_path(ld, tls, "ca");
+        cert = get_path(ld, tls, "cert");
+        key = get_path(ld, tls, "key");
+        json_t *sni = get_string(ld, tls, "sni");
+        if (sni) {
+            if (!valid_host_name(json_string_value(sni)))
+                err_key(ld, "sni", "not a host name");
+            o.sni = json_string_value(sni);
+        }
+        if (!!json_object_get(tls, "cert") != !!json_object_get(tls, "key"))
+            err(ld, "\"cert\" and \"key\" go together (a client certificate and its key)");
+    }
+    o.ca = ca;
+    o.cert = cert;
+    o.key = key;
+    if (ld->nprobs == before) {
+        int which = 0;
+        u->tls = tls_client_new(&o, why, sizeof(why), &which);
+        if (!u->tls)
+            err_key(ld, which_key[which], "%s", why);
+    }
+    free(ca);
+    free(cert);
+    free(key);
+}
+
 static void parse_upstream(struct load *ld, json_t *obj, struct config_upstream *u)
 {
     static const char *const known[] = {
-        "endpoints", "balance", "connect_timeout_ms", "timeout_ms", "keepalive",
-        "keepalive_timeout_ms", "keepalive_requests", NULL,
+        "endpoints",          "balance",   "connect_timeout_ms",
+        "timeout_ms",         "keepalive", "keepalive_timeout_ms",
+        "keepalive_requests", "tls",       NULL,
     };
     static const char *const later[] = { "retry", "circuit_breaker", "health_check", NULL };
     char shown[SHOW_BUF];
@@ -796,6 +1048,12 @@ static void parse_upstream(struct load *ld, json_t *obj, struct config_upstream 
     get_int_field(ld, obj, "keepalive", 0, 10000, 64, &u->keepalive);
     get_timeout(ld, obj, "keepalive_timeout_ms", 30000, &u->keepalive_timeout_ms);
     get_int_field(ld, obj, "keepalive_requests", 1, 1000000000, 10000, &u->keepalive_requests);
+    json_t *tls = json_object_get(obj, "tls");
+    if (tls) {
+        push_key(ld, "tls");
+        parse_upstream_tls(ld, tls, u);
+        pop(ld);
+    }
 }
 
 static void parse_upstreams(struct load *ld, json_t *root)
@@ -1273,6 +1531,10 @@ static void parse_module_globals(struct load *ld, json_t *root)
 
 int config_upstream_same_connections(const struct config_upstream *a, const struct config_upstream *b)
 {
+    /* A TLS connection was verified under the old settings (CA, name):
+     * new ones are made under the new. */
+    if (a->tls || b->tls)
+        return 0;
     return a->connect_timeout_ms == b->connect_timeout_ms && a->keepalive == b->keepalive &&
            a->keepalive_timeout_ms == b->keepalive_timeout_ms &&
            a->keepalive_requests == b->keepalive_requests;
@@ -1506,13 +1768,21 @@ static void config_free(struct config *c)
             free(c->upstreams[i].endpoints[k].address);
         free(c->upstreams[i].endpoints);
         free(c->upstreams[i].name);
+        tls_client_free(c->upstreams[i].tls);
     }
     free(c->upstreams);
-    for (size_t i = 0; i < c->nlisteners; i++)
+    for (size_t i = 0; i < c->nlisteners; i++) {
         free(c->listeners[i].address);
+        tls_server_free(c->listeners[i].tls);
+        free(c->listeners[i].client_subject_header);
+        free(c->listeners[i].client_fp_header);
+    }
     free(c->listeners);
     free(c->admin.address);
     free(c->admin.token);
+    for (size_t i = 0; i < c->nwarnings; i++)
+        free(c->warnings[i]);
+    free(c->warnings);
     free(c->trusted_proxies);
     free(c->access_log.path);
     free(c->access_log.template);

@@ -22,12 +22,20 @@
 #include "modules.h"
 
 struct router;
+struct tls_server;
+struct tls_client;
 
 struct config_listener {
     char *address;                 /* as written */
     struct sockaddr_storage addr;
     socklen_t addrlen;
     int backlog;                   /* default 511 */
+    struct tls_server *tls;        /* NULL: plain HTTP; shared by every worker */
+    int tls_handshake_timeout_ms;  /* default 10000 */
+    char *client_subject_header;   /* mTLS: header carrying the verified subject, or NULL */
+    char *client_fp_header;        /* mTLS: header carrying its SHA-256 fingerprint, or NULL */
+    int redirect_to_https;         /* plain listener: answer every request with a redirect */
+    int redirect_port;             /* port written in the Location; 0 = none (443) */
 };
 
 struct config_admin {
@@ -70,6 +78,7 @@ struct config_upstream {
     int keepalive;                 /* idle pooled connections per worker per endpoint; default 64; 0 = no pooling */
     int keepalive_timeout_ms;      /* idle pooled connection lifetime; default 30000 */
     int keepalive_requests;        /* requests per upstream connection; default 10000 */
+    struct tls_client *tls;        /* NULL: plain HTTP to the endpoints */
 };
 
 /* HTTP methods a route allows, as a bit mask over enum http_method. */
@@ -133,6 +142,8 @@ struct config {
     json_t *json;                  /* the substituted document */
     json_t *json_redacted;         /* the same for showing: secrets replaced (admin /config) */
     void **module_globals;         /* per portico_modules[] index: parse_global's result */
+    char **warnings; /* load-time warnings (expired certificate...), printed by main */
+    size_t nwarnings;
 };
 
 /* Collected load errors. */

@@ -49,14 +49,20 @@ static size_t out_cap(const struct config_limits *l)
 static void on_client_event(evutil_socket_t fd, short what, void *arg)
 {
     struct conn *c = arg;
-    if (what & (EV_READ | EV_CLOSED))
+    if (what & (EV_READ | EV_CLOSED)) {
         c->readable = 1;
+        if (c->tls_wr)
+            c->writable = 1;
+    }
     /* The peer's FIN may come in the same segment as its last bytes: then
      * no further edge arrives, so keep reading until read() says EOF. */
     if (what & EV_CLOSED)
         c->rdhup = 1;
-    if (what & EV_WRITE)
+    if (what & EV_WRITE) {
         c->writable = 1;
+        if (c->tls_rw)
+            c->readable = 1;
+    }
     conn_pump(c);
 }
 
@@ -101,11 +107,16 @@ static void conn_follow_reload(struct conn *c)
     conn_check_trusted(c);
 }
 
-void conn_accept(struct worker *w, int fd, const struct sockaddr *sa, socklen_t salen)
+void conn_accept(struct worker *w, const struct config_listener *lc, int fd,
+                 const struct sockaddr *sa, socklen_t salen)
 {
     struct conn *c = xcalloc(1, sizeof(*c));
     c->w = w;
     c->ps = poolset_take(w);
+    /* lc lives in the config of the accept; a reload may move the
+     * connection's requests to a newer config, so keep that one alive. */
+    c->lc = lc;
+    c->lc_cfg = config_ref(c->ps->cfg);
     const struct config_limits *l = &c->ps->cfg->limits;
     c->fd = fd;
     memcpy(&c->peer, sa, salen);
@@ -120,6 +131,15 @@ void conn_accept(struct worker *w, int fd, const struct sockaddr *sa, socklen_t 
     c->readable = 1; /* data may already be waiting: try a read at once */
     c->idle_since_ms = worker_now_ms(w);
     c->last_write_ms = c->idle_since_ms;
+    c->accept_ms = c->idle_since_ms;
+    if (lc->tls) {
+        c->ssl = tls_server_conn(lc->tls, fd);
+        c->tls_hs = 1;
+        if (!c->ssl) {
+            log_error("client %s: cannot create a TLS session", c->peer_ip);
+            c->dead = 1;
+        }
+    }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     event_assign(&c->ev, w->base, fd, EV_READ | EV_WRITE | EV_CLOSED | EV_ET | EV_PERSIST, on_client_event, c);
@@ -147,6 +167,10 @@ static void conn_free(struct conn *c)
     event_del(&c->ev);
     event_del(&c->timer);
     event_del(&c->resume_ev);
+    if (c->ssl)
+        tls_close(c->ssl);
+    free(c->tls_subject);
+    free(c->tls_fp);
     close(c->fd);
     arena_destroy(&c->arena);
     buf_free(&c->in);
@@ -158,6 +182,7 @@ static void conn_free(struct conn *c)
     if (c->next)
         c->next->prev = c->prev;
     poolset_put(w, c->ps);
+    config_unref(c->lc_cfg);
     free(c);
     worker_conn_closed(w);
 }
@@ -192,8 +217,26 @@ static int client_flush(struct conn *c)
      * the kernel until the body follows, so the client gets one segment
      * instead of two; the kernel sends it anyway after 200 ms. */
     int more = c->req.rs == RS_BODY_LENGTH && c->sp_len == 0 && c->req.rs_left <= 65536;
-    struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
-    ssize_t wr = sendmsg(c->fd, &mh, MSG_NOSIGNAL | (more ? MSG_MORE : 0));
+    ssize_t wr;
+    if (c->ssl) {
+        int stop;
+        wr = tls_writev(c->ssl, iov, n, &stop);
+        c->tls_wr = stop == TLS_WANT_READ;
+        if (stop == TLS_FATAL) {
+            log_debug("client %s: TLS write: %s", c->peer_ip, tls_last_error(c->ssl));
+            c->dead = 1;
+            if (c->req.status == 0 || c->state == CS_REQUEST)
+                c->req.status = c->req.status ? c->req.status : 499;
+            return 1;
+        }
+        if (stop)
+            c->writable = 0;
+        if (wr == 0)
+            return 0;
+    } else {
+        struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
+        wr = sendmsg(c->fd, &mh, MSG_NOSIGNAL | (more ? MSG_MORE : 0));
+    }
     if (wr < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
             c->writable = 0;
@@ -406,10 +449,13 @@ static void request_log(struct conn *c)
         .bytes_in = r->bytes_in,
         .bytes_out = r->bytes_out,
         .duration_us = now_us() - r->start_us,
-        .upstream_us = r->up_start_us ? (r->up_end_us ? r->up_end_us : now_us()) - r->up_start_us : 0,
+        .upstream_us =
+            r->up_start_us ? (r->up_end_us ? r->up_end_us : now_us()) - r->up_start_us : 0,
         .has_upstream = r->up_start_us != 0,
         .route = r->route ? r->route->name : NULL,
         .endpoint = r->ep ? r->ep->address : NULL,
+        .tls_version = c->ssl && !c->tls_hs ? tls_conn_version(c->ssl) : NULL,
+        .tls_cipher = c->ssl && !c->tls_hs ? tls_conn_cipher(c->ssl) : NULL,
     };
     char line[12288]; /* fits the longest entry accesslog_format can make */
     size_t n = al->text ? accesslog_format_text(&e, al->template, line, sizeof(line))
@@ -446,6 +492,81 @@ static void request_finish(struct conn *c)
 }
 
 /* ---- reading ---------------------------------------------------------- */
+
+/* TLS records may sit inside the SSL object, where no edge will announce
+ * them: a TLS connection stays readable until OpenSSL holds nothing and
+ * its last socket read was short (tls_drained), as a plain one stays
+ * readable until a short read. */
+static int client_read_tls(struct conn *c, size_t space)
+{
+    ssize_t n = tls_read(c->ssl, c->in.data + c->in.end, space);
+    c->tls_rw = 0;
+    if (n > 0) {
+        c->in.end += (size_t)n;
+        c->req.bytes_in += (size_t)n;
+        if (!c->rdhup && tls_drained(c->ssl))
+            c->readable = 0;
+        return 1;
+    }
+    if (n == TLS_WANT_READ || n == TLS_WANT_WRITE) {
+        c->readable = 0;
+        c->tls_rw = n == TLS_WANT_WRITE;
+        return 0;
+    }
+    if (n == TLS_FATAL)
+        log_debug("client %s: TLS read: %s", c->peer_ip, tls_last_error(c->ssl));
+    c->eof = 1;
+    c->readable = 0;
+    return 1;
+}
+
+/* nginx's answer to plain HTTP on a TLS port, sent in the clear. */
+static const char plain_on_tls[] =
+    "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 46\r\n"
+    "Connection: close\r\n\r\nThe plain HTTP request was sent to HTTPS port\n";
+
+/* Drive the server handshake; the connection is HEAD meanwhile, its
+ * deadline the handshake timeout. Returns 1 on progress. */
+static int conn_handshake(struct conn *c)
+{
+    if (!(c->tls_hs_ww ? c->writable : c->readable))
+        return 0;
+    int rc = tls_handshake(c->ssl);
+    if (rc == 1) {
+        c->tls_hs = 0;
+        c->readable = 1; /* the request may have come with the Finished message */
+        c->idle_since_ms = worker_now_ms(c->w);
+        return 1;
+    }
+    if (rc == TLS_WANT_READ || rc == TLS_WANT_WRITE) {
+        c->tls_hs_ww = rc == TLS_WANT_WRITE;
+        if (rc == TLS_WANT_READ)
+            c->readable = 0;
+        else
+            c->writable = 0;
+        return 0;
+    }
+    if (!tls_peer_sent_http()) {
+        log_debug("client %s: TLS handshake failed: %s", c->peer_ip, tls_last_error(c->ssl));
+        c->dead = 1;
+        return 1;
+    }
+    /* The bytes were a plain HTTP request: answer it in the clear, close. */
+    tls_close(c->ssl);
+    c->ssl = NULL;
+    c->tls_hs = 0;
+    struct request *r = &c->req;
+    r->method = "-";
+    r->status = 400;
+    r->start_us = now_us();
+    c->sp = plain_on_tls;
+    c->sp_src = NULL;
+    c->sp_len = sizeof(plain_on_tls) - 1;
+    c->close_after = 1;
+    c->linger_needed = 1;
+    c->state = CS_LINGER;
+    return 1;
+}
 
 static int client_read(struct conn *c)
 {
@@ -486,13 +607,16 @@ static int client_read(struct conn *c)
             c->readable = 0;
             return 1;
         }
-        if (n < 0)
+        /* Records OpenSSL already holds bring no edge: stay readable. */
+        if (n < 0 && !(c->ssl && tls_pending(c->ssl)))
             c->readable = 0;
         return 0;
     }
     size_t space = buf_make_room(&c->in);
     if (space == 0)
         return 0;
+    if (c->ssl)
+        return client_read_tls(c, space);
     ssize_t n = read(c->fd, c->in.data + c->in.end, space);
     if (n > 0) {
         c->in.end += (size_t)n;
@@ -598,6 +722,43 @@ static int authority_valid(const char *a, size_t n)
     return port >= 1 && port <= 65535;
 }
 
+/* A plain listener with redirect_to_https: send the client to the same
+ * host and target over https (301 for GET and HEAD, 308 otherwise, so
+ * the method and body are kept). */
+static void redirect_https(struct conn *c, const struct uri_target *t)
+{
+    struct request *r = &c->req;
+    const char *h = r->host;
+    size_t hl = strlen(h);
+    if (hl && h[0] == '[') {
+        const char *e = strchr(h, ']');
+        hl = e ? (size_t)(e - h) + 1 : hl;
+    } else {
+        const char *colon = strchr(h, ':');
+        if (colon)
+            hl = (size_t)(colon - h);
+    }
+    r->path = arena_strndup(&c->arena, t->path ? t->path : "/", t->path ? t->path_len : 1);
+    r->path_len = strlen(r->path);
+    if (hl == 0 || t->asterisk) {
+        respond_error(c, 400, NULL);
+        return;
+    }
+    char port[16] = "";
+    if (c->lc->redirect_port)
+        snprintf(port, sizeof(port), ":%d", c->lc->redirect_port);
+    size_t cap = hl + r->path_len + (t->query ? t->query_len + 1 : 0) + 64;
+    char *loc = arena_alloc(&c->arena, cap);
+    snprintf(loc, cap, "Location: https://%.*s%s%s%s%.*s\r\n", (int)hl, h, port, r->path,
+             t->query ? "?" : "", t->query ? (int)t->query_len : 0, t->query ? t->query : "");
+    int status = r->head.method == HTTP_M_GET || r->head.method == HTTP_M_HEAD ? 301 : 308;
+    if (r->has_body) {
+        r->keepalive = 0;
+        c->linger_needed = 1;
+    }
+    conn_local_answer(c, status, "text/plain", "", 0, loc);
+}
+
 /* A complete head is at the front of c->in: decide what to do with it. */
 static void request_begin(struct conn *c, size_t head_len)
 {
@@ -633,6 +794,10 @@ static void request_begin(struct conn *c, size_t head_len)
         r->authority_len = t.authority_len;
     }
     r->host = lower_dup(&c->arena, host, hlen);
+    if (c->lc->redirect_to_https) {
+        redirect_https(c, &t);
+        return;
+    }
     if (t.asterisk) {
         r->path = "*";
         r->path_len = 1;
@@ -746,6 +911,9 @@ static int handle_head(struct conn *c)
         c->head_start_ms = worker_now_ms(c->w);
         r->start_us = now_us();
     }
+    if (!r->head.headers) /* trimmed while idle (conn_trim_idle) */
+        r->head.headers =
+            arena_alloc(&c->arena, sizeof(struct http_header) * r->head.max_headers_cap);
     struct http_parse_limits pl = {
         .max_head_bytes = limits(c)->max_header_bytes,
         .max_headers = limits(c)->max_headers,
@@ -927,10 +1095,41 @@ static void upstream_gone(struct conn *c, int status, const char *why)
     }
 }
 
+/* The TLS handshake with the upstream, under the connect deadline. */
+static int upstream_handshake(struct conn *c)
+{
+    struct upconn *u = c->up;
+    if (!(u->tls_hs_ww ? u->writable : u->readable))
+        return 0;
+    int rc = tls_handshake(u->ssl);
+    if (rc == 1) {
+        u->state = UP_ACTIVE;
+        u->readable = 1;
+        c->req.up_connect_deadline_ms = 0;
+        return 1;
+    }
+    if (rc == TLS_WANT_READ || rc == TLS_WANT_WRITE) {
+        u->tls_hs_ww = rc == TLS_WANT_WRITE;
+        if (rc == TLS_WANT_READ)
+            u->readable = 0;
+        else
+            u->writable = 0;
+        return 0;
+    }
+    char why[320];
+    snprintf(why, sizeof(why), "TLS handshake failed: %s", tls_last_error(u->ssl));
+    upstream_gone(c, 502, why);
+    return 1;
+}
+
 static int upstream_connect_check(struct conn *c)
 {
     struct upconn *u = c->up;
-    if (!u || u->state != UP_CONNECTING || !u->writable)
+    if (!u || u->state != UP_CONNECTING)
+        return 0;
+    if (u->ssl)
+        return upstream_handshake(c);
+    if (!u->writable)
         return 0;
     int err = 0;
     socklen_t len = sizeof(err);
@@ -945,6 +1144,17 @@ static int upstream_connect_check(struct conn *c)
         char why[128];
         snprintf(why, sizeof(why), "connect: %s", strerror(err));
         upstream_gone(c, 502, why);
+        return 1;
+    }
+    const struct tls_client *tc = c->req.route->upstream->tls;
+    if (tc) {
+        u->ssl = tls_client_conn(tc, u->fd, u->pool->ep->address, &u->pool->tls_session);
+        if (!u->ssl) {
+            upstream_gone(c, 502, "cannot create a TLS session");
+            return 1;
+        }
+        u->tls_hs_ww = 1;
+        upstream_handshake(c);
         return 1;
     }
     u->state = UP_ACTIVE;
@@ -970,7 +1180,22 @@ static int upstream_flush(struct conn *c)
         iov[n].iov_base = buf_head(u->span_src);
         iov[n++].iov_len = u->span_len;
     }
-    ssize_t wr = writev(u->fd, iov, n);
+    ssize_t wr;
+    if (u->ssl) {
+        int stop;
+        wr = tls_writev(u->ssl, iov, n, &stop);
+        u->tls_wr = stop == TLS_WANT_READ;
+        if (stop == TLS_FATAL && wr == 0) {
+            wr = -1;
+            errno = EPIPE;
+        } else if (stop) {
+            u->writable = 0;
+            if (wr == 0)
+                return 0;
+        }
+    } else {
+        wr = writev(u->fd, iov, n);
+    }
     if (wr < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
             u->writable = 0;
@@ -1014,7 +1239,29 @@ static int upstream_read(struct conn *c, int *eof)
     size_t space = buf_make_room(&u->in);
     if (space == 0)
         return 0;
-    ssize_t n = read(u->fd, u->in.data + u->in.end, space);
+    ssize_t n;
+    if (u->ssl) {
+        n = tls_read(u->ssl, u->in.data + u->in.end, space);
+        u->tls_rw = n == TLS_WANT_WRITE;
+        if (n == TLS_WANT_READ || n == TLS_WANT_WRITE) {
+            u->readable = 0;
+            return 0;
+        }
+        if (n == TLS_FATAL) {
+            log_debug("upstream TLS read: %s", tls_last_error(u->ssl));
+            n = -1;
+            errno = ECONNRESET;
+        } else if (n > 0) {
+            /* see client_read_tls */
+            u->in.end += (size_t)n;
+            if (!u->rdhup && tls_drained(u->ssl))
+                u->readable = 0;
+            c->req.up_activity_ms = worker_now_ms(c->w);
+            return 1;
+        }
+    } else {
+        n = read(u->fd, u->in.data + u->in.end, space);
+    }
     if (n > 0) {
         u->in.end += (size_t)n;
         if ((size_t)n < space && !u->rdhup)
@@ -1474,6 +1721,10 @@ static int linger_step(struct conn *c)
         return 1;
     }
     if (!c->linger_deadline_ms) {
+        if (c->ssl) {
+            tls_close(c->ssl); /* close_notify first */
+            c->ssl = NULL;
+        }
         shutdown(c->fd, SHUT_WR);
         c->linger_deadline_ms = worker_now_ms(c->w) + LINGER_MS;
         buf_free(&c->in);
@@ -1541,7 +1792,9 @@ static uint64_t conn_deadline(const struct conn *c)
         d = c->last_write_ms + (uint64_t)l->send_timeout_ms;
     switch (c->state) {
     case CS_HEAD:
-        if (c->head_start_ms)
+        if (c->tls_hs)
+            d = min_nz(d, c->accept_ms + (uint64_t)c->lc->tls_handshake_timeout_ms);
+        else if (c->head_start_ms)
             d = min_nz(d, c->head_start_ms + (uint64_t)l->header_timeout_ms);
         else
             d = min_nz(d, c->idle_since_ms + idle_limit(c));
@@ -1571,6 +1824,13 @@ static int conn_timeouts(struct conn *c, uint64_t now)
     }
     switch (c->state) {
     case CS_HEAD:
+        if (c->tls_hs) {
+            if (now < c->accept_ms + (uint64_t)c->lc->tls_handshake_timeout_ms)
+                return 0;
+            log_debug("client %s: TLS handshake timeout", c->peer_ip);
+            c->dead = 1;
+            return 1;
+        }
         if (c->head_start_ms && now >= c->head_start_ms + (uint64_t)l->header_timeout_ms) {
             r->keepalive = 0;
             r->method = "-";
@@ -1656,6 +1916,11 @@ static void conn_pump(struct conn *c)
         progress = 0;
         if (c->dead)
             break;
+        if (c->tls_hs) {
+            progress |= conn_handshake(c);
+            if (c->tls_hs || c->dead)
+                continue;
+        }
         progress |= client_read(c);
         switch (c->state) {
         case CS_HEAD:
@@ -1689,6 +1954,18 @@ static void conn_pump(struct conn *c)
         buf_release_if_empty(&c->out);
     }
     conn_arm_timer(c);
+}
+
+int conn_trim_idle(struct conn *c, uint64_t idle_before_ms)
+{
+    if (c->state != CS_HEAD || c->tls_hs || c->head_start_ms || buf_len(&c->in) || out_pending(c) ||
+        c->idle_since_ms > idle_before_ms || !c->req.head.headers)
+        return 0;
+    /* Nothing of a request lives in the arena between requests. */
+    arena_destroy(&c->arena);
+    arena_init(&c->arena, 8192);
+    c->req.head.headers = NULL;
+    return 1;
 }
 
 /* Draining. An idle keep-alive connection is not closed at once: a

@@ -35,6 +35,7 @@
 #include "config.h"
 #include "http1.h"
 #include "router.h"
+#include "tls.h"
 
 struct worker;
 struct upconn;
@@ -151,7 +152,17 @@ struct request {
 struct conn {
     struct worker *w;
     struct poolset *ps;            /* config snapshot + pools of the current request */
+    const struct config_listener *lc; /* the listener it came in on ... */
+    struct config *lc_cfg;            /* ... and the config holding it (a reference) */
     int fd;
+    SSL *ssl;                   /* NULL on a plain listener: the plain path pays one branch */
+    unsigned tls_hs : 1;        /* handshake in progress (state stays HEAD) */
+    unsigned tls_hs_ww : 1;     /* the handshake waits for writability */
+    unsigned tls_rw : 1;        /* a read waits for writability (TLS may write to read) */
+    unsigned tls_wr : 1;        /* a write waits for readability */
+    signed char tls_cert;       /* client certificate looked at: 1 verified, -1 none, 0 not yet */
+    char *tls_subject, *tls_fp; /* verified client certificate, when tls_cert == 1 */
+    uint64_t accept_ms;
     struct event ev, timer, resume_ev;
     enum conn_state state;
     unsigned readable : 1, writable : 1, eof : 1, dead : 1, rdhup : 1;
@@ -177,7 +188,13 @@ struct conn {
 };
 
 /* Take ownership of an accepted, non-blocking socket. */
-void conn_accept(struct worker *w, int fd, const struct sockaddr *sa, socklen_t salen);
+void conn_accept(struct worker *w, const struct config_listener *lc, int fd,
+                 const struct sockaddr *sa, socklen_t salen);
+/* Give back the request arena of a keep-alive connection idle since
+ * before idle_before_ms (the worker's tick): idle connections then hold
+ * little more than their struct (and, with TLS, the SSL object).
+ * Returns 1 if memory was freed. */
+int conn_trim_idle(struct conn *c, uint64_t idle_before_ms);
 /* Drain: close idle connections now, others after their response. */
 void conn_drain(struct conn *c);
 /* Close at once (drain timeout, shutdown). */

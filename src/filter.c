@@ -221,7 +221,7 @@ void response_remove_header(struct request *r, const char *n) { edit_add(r, resp
 const char *request_method(const struct request *r) { return r->method; }
 const char *request_host(const struct request *r) { return r->host; }
 const char *request_route_name(const struct request *r) { return r->route ? r->route->name : NULL; }
-int request_is_tls(const struct request *r) { return 0; }
+int request_is_tls(const struct request *r) { return r->conn->ssl != NULL; }
 
 const char *request_path(const struct request *r, size_t *len)
 {

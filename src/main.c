@@ -60,6 +60,8 @@ static struct config *load(const char *file)
             fprintf(stderr, "portico: %s: invalid configuration\n", file);
     }
     config_errors_free(&errs);
+    for (size_t i = 0; cfg && i < cfg->nwarnings; i++)
+        fprintf(stderr, "portico: %s: warning: %s\n", file, cfg->warnings[i]);
     return cfg;
 }
 

@@ -126,6 +126,7 @@ size_t request_header_count(const struct request *r, const char *name);
 const struct sockaddr *request_client_addr(const struct request *r);
 /* The same as text ("1.2.3.4", "::1"). */
 const char *request_client_ip(const struct request *r);
+/* Did the request arrive over TLS (a listener with "tls")? */
 int request_is_tls(const struct request *r);
 
 /* ---- changing what goes upstream --------------------------------------- */

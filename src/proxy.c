@@ -151,6 +151,34 @@ static enum fwd_field classify(const struct http_str *n)
     return F_NONE;
 }
 
+static int name_is(const struct http_str *n, const char *want)
+{
+    return want && strlen(want) == n->len && strncasecmp(n->p, want, n->len) == 0;
+}
+
+/* The verified client certificate's headers (mTLS listeners). The first
+ * use on a connection looks at the certificate; later requests reuse it. */
+static void client_cert_headers(struct conn *c, struct buf *out)
+{
+    const struct config_listener *lc = c->lc;
+    if (!c->ssl)
+        return;
+    if (c->tls_cert == 0)
+        c->tls_cert = tls_conn_client_cert(c->ssl, &c->tls_subject, &c->tls_fp) == 0 ? 1 : -1;
+    if (c->tls_cert != 1)
+        return;
+    const struct header_edit *ed = c->req.req_edits;
+    if (lc->client_subject_header &&
+        !(ed &&
+          filter_edits_drop(ed, lc->client_subject_header, strlen(lc->client_subject_header)))) {
+        size_t n = strlen(c->tls_subject);
+        put_field(out, lc->client_subject_header, c->tls_subject, n > 1024 ? 1024 : n);
+    }
+    if (lc->client_fp_header &&
+        !(ed && filter_edits_drop(ed, lc->client_fp_header, strlen(lc->client_fp_header))))
+        put_field(out, lc->client_fp_header, c->tls_fp, strlen(c->tls_fp));
+}
+
 void proxy_build_request(struct conn *c, struct buf *out)
 {
     struct request *r = &c->req;
@@ -205,6 +233,7 @@ void proxy_build_request(struct conn *c, struct buf *out)
     struct conn_tokens ct;
     connection_tokens(h->headers, h->nheaders, &ct);
     int trusted = c->trusted;
+    const char *cert_subject = c->lc->client_subject_header, *cert_fp = c->lc->client_fp_header;
     int have_proto = 0, have_fhost = 0, have_realip = 0, xff_open = 0;
     for (size_t i = 0; i < h->nheaders; i++) {
         const struct http_header *f = &h->headers[i];
@@ -212,6 +241,10 @@ void proxy_build_request(struct conn *c, struct buf *out)
             named_by_connection(&ct, &f->name, h->headers, h->nheaders))
             continue;
         if (r->req_edits && filter_edits_drop(r->req_edits, f->name.p, f->name.len))
+            continue;
+        /* Only the verified certificate may fill these; never the client. */
+        if ((cert_subject || cert_fp) &&
+            (name_is(&f->name, cert_subject) || name_is(&f->name, cert_fp)))
             continue;
         switch (classify(&f->name)) {
         case F_HOST:
@@ -272,7 +305,7 @@ void proxy_build_request(struct conn *c, struct buf *out)
         put_field(out, "X-Forwarded-For", c->peer_ip, strlen(c->peer_ip));
     }
     if (!have_proto && OURS("X-Forwarded-Proto"))
-        put_field(out, "X-Forwarded-Proto", "http", 4);
+        put_field(out, "X-Forwarded-Proto", c->ssl ? "https" : "http", c->ssl ? 5 : 4);
     if (!have_fhost && OURS("X-Forwarded-Host")) {
         if (r->authority)
             put_field(out, "X-Forwarded-Host", r->authority, r->authority_len);
@@ -283,6 +316,8 @@ void proxy_build_request(struct conn *c, struct buf *out)
         put_field(out, "X-Real-IP", c->peer_ip, strlen(c->peer_ip));
     if (prefix && OURS("X-Forwarded-Prefix"))
         put_field(out, "X-Forwarded-Prefix", prefix, prefix_len);
+    if (cert_subject || cert_fp)
+        client_cert_headers(c, out);
     if (cfg->via && OURS("Via"))
         puts_(out, "Via: 1.1 portico\r\n");
 #undef OURS

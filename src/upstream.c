@@ -36,12 +36,18 @@ static void on_upconn_event(evutil_socket_t fd, short what, void *arg)
         upconn_close(u);
         return;
     }
-    if (what & (EV_READ | EV_CLOSED))
+    if (what & (EV_READ | EV_CLOSED)) {
         u->readable = 1;
+        if (u->tls_wr)
+            u->writable = 1;
+    }
     if (what & EV_CLOSED)
         u->rdhup = 1;
-    if (what & EV_WRITE)
+    if (what & EV_WRITE) {
         u->writable = 1;
+        if (u->tls_rw)
+            u->readable = 1;
+    }
     if (u->owner)
         conn_on_upstream_event(u->owner, u, what);
 }
@@ -95,11 +101,18 @@ void upconn_release(struct upconn *u)
     u->owner = NULL;
     u->span_src = NULL;
     u->span_len = 0;
+    if (u->ssl && u->readable && !buf_len(&u->in) && !tls_pending(u->ssl)) {
+        /* TLS reads stop at OpenSSL's word, not at a short read: ask once
+         * more, so a connection with nothing more to say can be pooled. */
+        char probe;
+        if (tls_read(u->ssl, &probe, 1) == TLS_WANT_READ)
+            u->readable = 0;
+    }
     /* Pending input (bytes nobody asked for, or the upstream's FIN) means
      * the connection cannot carry another exchange. */
     if (p->nidle >= p->up->keepalive || u->requests >= p->up->keepalive_requests ||
         buf_len(&u->in) || buf_len(&u->out) || u->readable || u->rdhup ||
-        worker_draining(p->w)) {
+        (u->ssl && tls_pending(u->ssl)) || worker_draining(p->w)) {
         upconn_close(u);
         return;
     }
@@ -119,6 +132,8 @@ void upconn_release(struct upconn *u)
 void upconn_close(struct upconn *u)
 {
     event_del(&u->ev);
+    if (u->ssl)
+        tls_close(u->ssl);
     close(u->fd);
     buf_free(&u->in);
     buf_free(&u->out);

@@ -7,7 +7,8 @@
  * closed is never handed out for a request.
  *
  * States:
- *   CONNECTING --writable, SO_ERROR 0--> ACTIVE --upconn_release--> IDLE
+ *   CONNECTING --writable, SO_ERROR 0 [, TLS handshake done]--> ACTIVE
+ *   ACTIVE --upconn_release--> IDLE
  *   IDLE --upconn_take--> ACTIVE;  any --upconn_close--> freed
  * Thread: a pool and its upconns belong to one worker. */
 #ifndef PORTICO_UPSTREAM_H
@@ -18,6 +19,7 @@
 #include <stdint.h>
 #include "buf.h"
 #include "config.h"
+#include "tls.h"
 
 struct worker;
 struct conn;
@@ -31,6 +33,9 @@ struct upconn {
     struct event ev;            /* EV_READ|EV_WRITE|EV_ET|EV_PERSIST, added once */
     unsigned readable : 1, writable : 1, rdhup : 1;
     unsigned reused : 1;        /* served a request before this one */
+    SSL *ssl;                   /* TLS upstream: set once TCP connects */
+    unsigned tls_hs_ww : 1;     /* the handshake waits for writability */
+    unsigned tls_rw : 1, tls_wr : 1; /* a read waits to write, a write to read */
     struct buf in, out;         /* out: request head and framing copies */
     struct buf *span_src;       /* after out: the first span_len bytes of *span_src */
     size_t span_len;
@@ -48,6 +53,7 @@ struct pool {
     const struct config_endpoint *ep;
     struct upconn *idle;        /* most recently used first */
     int nidle;
+    void *tls_session;          /* TLS upstream: the session to resume (tls.h) */
 };
 
 /* Take an idle connection, or start a new one (state CONNECTING).

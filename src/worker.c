@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +17,7 @@
 #define LOG_FLUSH_BYTES 16384
 #define LOG_FLUSH_MS 100
 #define ACCEPT_BATCH 64
+#define TRIM_BATCH 256
 
 int worker_total_conns;
 
@@ -110,7 +112,8 @@ void worker_log_line(struct worker *w, const char *line, size_t len)
 
 static void on_accept(evutil_socket_t lfd, short what, void *arg)
 {
-    struct worker *w = arg;
+    struct worker_listener *wl = arg;
+    struct worker *w = wl->w;
     for (int i = 0; i < ACCEPT_BATCH && !w->draining; i++) {
         struct sockaddr_storage ss;
         socklen_t len = sizeof(ss);
@@ -126,7 +129,7 @@ static void on_accept(evutil_socket_t lfd, short what, void *arg)
             close(fd);
             continue;
         }
-        conn_accept(w, fd, (struct sockaddr *)&ss, len);
+        conn_accept(w, wl->cfg, fd, (struct sockaddr *)&ss, len);
     }
 }
 
@@ -147,7 +150,7 @@ static void start_drain(struct worker *w)
     /* Take what is already queued on the listening sockets, then close
      * them: those clients get an answer, new ones get refused. */
     for (size_t i = 0; i < w->nlisteners; i++)
-        on_accept(w->listeners[i].fd, EV_READ, w);
+        on_accept(w->listeners[i].fd, EV_READ, &w->listeners[i]);
     w->draining = 1;
     for (size_t i = 0; i < w->nlisteners; i++) {
         event_del(&w->listeners[i].ev);
@@ -214,8 +217,10 @@ static void poolset_free(struct poolset *ps)
 {
     const struct config *cfg = ps->cfg;
     for (size_t u = 0; u < cfg->nupstreams; u++) {
-        for (size_t e = 0; e < cfg->upstreams[u].nendpoints; e++)
+        for (size_t e = 0; e < cfg->upstreams[u].nendpoints; e++) {
             pool_close_all(&ps->pools[u][e]);
+            tls_session_free(&ps->pools[u][e].tls_session);
+        }
         free(ps->pools[u]);
     }
     free(ps->pools);
@@ -273,6 +278,13 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
         for (size_t u = 0; u < ps->cfg->nupstreams; u++)
             for (size_t e = 0; e < ps->cfg->upstreams[u].nendpoints; e++)
                 pool_sweep(&ps->pools[u][e], now);
+    int trimmed = 0;
+    for (struct conn *c = w->conns; c; c = c->next)
+        trimmed += conn_trim_idle(c, now - 1000);
+    /* Freed arena blocks sit between live connections, where free() does
+     * not return them to the system; after many, ask malloc to. */
+    if (trimmed >= TRIM_BATCH)
+        malloc_trim(0);
 }
 
 struct worker *worker_new(int id, struct config *cfg, const int *listen_fds, char *err, size_t errlen)
@@ -304,9 +316,11 @@ struct worker *worker_new(int id, struct config *cfg, const int *listen_fds, cha
     w->nlisteners = cfg->nlisteners;
     w->listeners = xcalloc(cfg->nlisteners, sizeof(*w->listeners));
     for (size_t i = 0; i < cfg->nlisteners; i++) {
+        w->listeners[i].w = w;
         w->listeners[i].fd = listen_fds[i];
         w->listeners[i].cfg = &cfg->listeners[i];
-        event_assign(&w->listeners[i].ev, w->base, listen_fds[i], EV_READ | EV_PERSIST, on_accept, w);
+        event_assign(&w->listeners[i].ev, w->base, listen_fds[i], EV_READ | EV_PERSIST, on_accept,
+                     &w->listeners[i]);
         event_add(&w->listeners[i].ev, NULL);
     }
     metrics_init(&w->metrics, 0);
@@ -436,6 +450,7 @@ static void reload_apply(struct worker *w)
     struct worker_listener *nl = xcalloc(cfg->nlisteners ? cfg->nlisteners : 1, sizeof(*nl));
     for (size_t i = 0; i < cfg->nlisteners; i++) {
         nl[i].fd = -1;
+        nl[i].w = w;
         nl[i].cfg = &cfg->listeners[i];
         if (m->listen_fds[i] >= 0) {
             nl[i].fd = m->listen_fds[i];
@@ -454,7 +469,7 @@ static void reload_apply(struct worker *w)
     for (size_t k = 0; k < w->nlisteners; k++) {
         if (w->listeners[k].fd < 0)
             continue;
-        on_accept(w->listeners[k].fd, EV_READ, w); /* its queue, then it goes */
+        on_accept(w->listeners[k].fd, EV_READ, &w->listeners[k]); /* its queue, then it goes */
         event_del(&w->listeners[k].ev);
         close(w->listeners[k].fd);
     }
@@ -466,7 +481,7 @@ static void reload_apply(struct worker *w)
             log_error("worker %d: no socket for listener %s", w->id, nl[i].cfg->address);
             continue;
         }
-        event_assign(&nl[i].ev, w->base, nl[i].fd, EV_READ | EV_PERSIST, on_accept, w);
+        event_assign(&nl[i].ev, w->base, nl[i].fd, EV_READ | EV_PERSIST, on_accept, &nl[i]);
         event_add(&nl[i].ev, NULL);
     }
 

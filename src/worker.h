@@ -18,6 +18,7 @@ struct conn;
 struct pool;
 
 struct worker_listener {
+    struct worker *w;
     int fd;
     struct event ev;
     const struct config_listener *cfg;

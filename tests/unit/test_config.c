@@ -319,8 +319,42 @@ static void test_not_yet(void)
     if (!modules_find("jwt_auth"))
         EXPECT_ERROR("{" LISTEN ", 'jwt_providers': {}, 'routes': [" RESPOND_ROUTE "]}",
                      "jwt_providers: needs the jwt_auth module, which is not built into this binary");
-    EXPECT_ERROR("{'listeners': [{'address': '127.0.0.1:8443', 'tls': {}}], 'routes': [" RESPOND_ROUTE "]}",
-                 "listeners[0].tls: not supported by this build yet");
+    /* TLS blocks: what can be told without certificate files (the e2e
+     * tests check real certificates with portico -t). */
+    EXPECT_ERROR(
+        "{'listeners': [{'address': '127.0.0.1:8443', 'tls': {}}], 'routes': [" RESPOND_ROUTE "]}",
+        "listeners[0].tls.certificates: required");
+    EXPECT_ERROR("{'listeners': [{'address': '127.0.0.1:8443', 'tls': {'certificates': [{'cert': "
+                 "'a', 'key': 'b'}],"
+                 " 'min_version': 'SSLv3'}}], 'routes': [" RESPOND_ROUTE "]}",
+                 "listeners[0].tls.min_version: \"SSLv3\" is not one of");
+    EXPECT_ERROR("{'listeners': [{'address': '127.0.0.1:8443', 'tls': {'certificates': [{'cert': "
+                 "'/nonexistent/a.crt',"
+                 " 'key': '/nonexistent/a.key'}]}}], 'routes': [" RESPOND_ROUTE "]}",
+                 "listeners[0].tls.certificates[0].cert: cannot open certificate "
+                 "/nonexistent/a.crt: No such file");
+    EXPECT_ERROR(
+        "{'listeners': [{'address': '127.0.0.1:8443', 'tls': {'certificates': [{'cert': '/x'}]}}],"
+        " 'routes': [" RESPOND_ROUTE "]}",
+        "listeners[0].tls.certificates[0].key: required");
+    EXPECT_ERROR("{'listeners': [{'address': '127.0.0.1:8443', 'tls': {'certificates': [],"
+                 " 'ciphers': 'NOPE-CIPHER'}}], 'routes': [" RESPOND_ROUTE "]}",
+                 "listeners[0].tls.certificates: must not be empty");
+    EXPECT_ERROR("{'listeners': [{'address': '127.0.0.1:8443', 'tls': {'certificates': [{'cert': "
+                 "'a', 'key': 'b'}],"
+                 " 'verify': 'optional'}}], 'routes': [" RESPOND_ROUTE "]}",
+                 "listeners[0].tls.verify: needs \"client_ca\"");
+    EXPECT_ERROR("{'listeners': [{'address': '127.0.0.1:8443', 'redirect_to_https': 1}], 'routes': "
+                 "[" RESPOND_ROUTE "]}",
+                 "listeners[0].redirect_to_https: expected true, false or {\"port\": 8443}");
+    EXPECT_ERROR("{" LISTEN
+                 ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'tls': {'cert': '/x'}}},"
+                 " 'routes': [" RESPOND_ROUTE "]}",
+                 "upstreams.a.tls: \"cert\" and \"key\" go together");
+    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'tls': {'ca': "
+                            "'/nonexistent/ca.pem'}}},"
+                 " 'routes': [" RESPOND_ROUTE "]}",
+                 "upstreams.a.tls.ca: cannot open CA bundle /nonexistent/ca.pem");
     EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'retry': {}}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
                  "upstreams.a.retry: not supported by this build yet");

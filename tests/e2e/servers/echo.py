@@ -20,7 +20,11 @@ Special paths:
 
 Byte k of a /big body is k % 256.
 Options: --port P (required), --idle-close-ms MS (close a keep-alive
-connection idle that long), --name NAME (answers carry "server": NAME).
+connection idle that long), --name NAME (answers carry "server": NAME),
+--tls-cert FILE --tls-key FILE (speak TLS;
+then /__stats too is over TLS, and /slow cannot notice a peer closing),
+--tls-client-ca FILE (require a client certificate from that CA; its
+subject is echoed as "client_subject").
 Prints nothing.
 """
 import hashlib
@@ -37,6 +41,8 @@ import httpsrv  # noqa: E402
 PATTERN = bytes(range(256)) * 256  # 64 KiB; byte k is k % 256
 STATS = httpsrv.Counter()
 OPTS = None
+TLS_CTX = None
+CLIENT_SUBJECT = {}  # conn_id -> the TLS client certificate's subject
 
 
 def peer_closed_within(sock, seconds):
@@ -98,6 +104,7 @@ def describe(req, body, conn_id, conn_requests):
         "conn_id": conn_id,
         "conn_requests": conn_requests,
         "port": OPTS.port,
+        "client_subject": CLIENT_SUBJECT.get(conn_id),
     }
 
 
@@ -133,6 +140,8 @@ def send_drip(sock, ms, n):
 def handle(sock, addr):
     reader = httpsrv.Reader(sock)
     conn_id = STATS.new_conn_id()
+    if hasattr(sock, "getpeercert") and sock.getpeercert():
+        CLIENT_SUBJECT[conn_id] = dict(x[0] for x in sock.getpeercert()["subject"])
     counted = False
     conn_requests = 0
     while True:
@@ -155,6 +164,8 @@ def handle(sock, addr):
             with STATS.lock:
                 out = {"connections": STATS.connections, "requests": STATS.requests,
                        "events": list(STATS.events)}
+            if TLS_CTX is not None:
+                out["tls_session_hits"] = TLS_CTX.session_stats()["hits"]
             send(sock, 200, json.dumps(out).encode(), close=close)
             if close:
                 return
@@ -224,12 +235,24 @@ def handle(sock, addr):
 
 
 def main():
-    global OPTS
+    global OPTS, TLS_CTX
     p = httpsrv.base_args("echo upstream")
     p.add_argument("--idle-close-ms", type=int, default=0)
     p.add_argument("--name", default="echo", help="reported as \"server\" in every answer")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--tls-client-ca")
     OPTS = p.parse_args()
-    httpsrv.serve(handle, OPTS.port)
+    ctx = None
+    if OPTS.tls_cert:
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(OPTS.tls_cert, OPTS.tls_key)
+        if OPTS.tls_client_ca:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(OPTS.tls_client_ca)
+    TLS_CTX = ctx
+    httpsrv.serve(handle, OPTS.port, ctx)
 
 
 if __name__ == "__main__":

@@ -172,14 +172,18 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     request_queue_size = 256
 
 
-def serve(handler_fn, port):
-    """Run handler_fn(sock, addr) per accepted connection, forever."""
+def serve(handler_fn, port, ssl_ctx=None):
+    """Run handler_fn(sock, addr) per accepted connection, forever; with
+    ssl_ctx, each connection is TLS (the handshake runs in its thread)."""
 
     class Handler(socketserver.BaseRequestHandler):
         def handle(self):
             self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                handler_fn(self.request, self.client_address)
+                sock = self.request
+                if ssl_ctx is not None:
+                    sock = ssl_ctx.wrap_socket(sock, server_side=True)
+                handler_fn(sock, self.client_address)
             except (OSError, EOFError, ValueError):
                 pass
 
