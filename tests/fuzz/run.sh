@@ -26,12 +26,12 @@ ROOT=$PWD
 declare -A SOURCES=(
     [fuzz_http1]="src/http1.c src/log.c"
     [fuzz_uri]="src/uri.c src/log.c"
-    [fuzz_config]="src/config.c src/config_subst.c src/config_lines.c src/addr.c src/router.c src/uri.c src/http1.c src/log.c tests/fuzz/no_modules.c"
+    [fuzz_config]="src/config.c src/config_subst.c src/config_lines.c src/addr.c src/router.c src/uri.c src/http1.c src/log.c src/accesslog.c src/tls.c tests/fuzz/no_modules.c"
     [fuzz_jwt]="src/log.c"
 )
 # pkg-config packages a target needs.
 declare -A PKGS=(
-    [fuzz_config]="jansson"
+    [fuzz_config]="jansson openssl"
     [fuzz_jwt]="jansson openssl libevent libevent_openssl"
 )
 
