@@ -534,6 +534,8 @@ static int conn_handshake(struct conn *c)
     int rc = tls_handshake(c->ssl);
     if (rc == 1) {
         c->tls_hs = 0;
+        metrics_add(&c->w->metrics, "portico_tls_handshakes_total", 1, "side", "client", "result",
+                    tls_session_reused(c->ssl) ? "resumed" : "full", NULL, NULL);
         c->readable = 1; /* the request may have come with the Finished message */
         c->idle_since_ms = worker_now_ms(c->w);
         return 1;
@@ -546,6 +548,8 @@ static int conn_handshake(struct conn *c)
             c->writable = 0;
         return 0;
     }
+    metrics_add(&c->w->metrics, "portico_tls_handshakes_total", 1, "side", "client", "result",
+                tls_peer_sent_http() ? "plain_http" : "failed", NULL, NULL);
     if (!tls_peer_sent_http()) {
         log_debug("client %s: TLS handshake failed: %s", c->peer_ip, tls_last_error(c->ssl));
         c->dead = 1;
@@ -1103,6 +1107,8 @@ static int upstream_handshake(struct conn *c)
         return 0;
     int rc = tls_handshake(u->ssl);
     if (rc == 1) {
+        metrics_add(&c->w->metrics, "portico_tls_handshakes_total", 1, "side", "upstream",
+                    "result", tls_session_reused(u->ssl) ? "resumed" : "full", NULL, NULL);
         u->state = UP_ACTIVE;
         u->readable = 1;
         c->req.up_connect_deadline_ms = 0;
@@ -1116,6 +1122,8 @@ static int upstream_handshake(struct conn *c)
             u->writable = 0;
         return 0;
     }
+    metrics_add(&c->w->metrics, "portico_tls_handshakes_total", 1, "side", "upstream", "result",
+                "failed", NULL, NULL);
     char why[320];
     snprintf(why, sizeof(why), "TLS handshake failed: %s", tls_last_error(u->ssl));
     upstream_gone(c, 502, why);
@@ -1828,6 +1836,8 @@ static int conn_timeouts(struct conn *c, uint64_t now)
             if (now < c->accept_ms + (uint64_t)c->lc->tls_handshake_timeout_ms)
                 return 0;
             log_debug("client %s: TLS handshake timeout", c->peer_ip);
+            metrics_add(&c->w->metrics, "portico_tls_handshakes_total", 1, "side", "client",
+                        "result", "timeout", NULL, NULL);
             c->dead = 1;
             return 1;
         }

@@ -280,6 +280,8 @@ static const struct {
     { "portico_upstream_errors_total",
       "Upstream failures: connect errors, timeouts, resets, bad answers." },
     { "portico_connections_accepted_total", "Client connections accepted." },
+    { "portico_tls_handshakes_total",
+      "TLS handshakes with clients and upstreams: full, resumed, failed, timeout, plain_http." },
     { "portico_jwt_requests_total", "jwt_auth decisions, by outcome and refusal reason." },
     { "portico_jwt_key_fetches_total", "JWKS and discovery fetches, by provider and result." },
     { "portico_rate_limit_decisions_total", "rate_limit decisions, by route and outcome." },

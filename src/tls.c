@@ -947,6 +947,8 @@ void tls_close(SSL *ssl)
         server_unref(s);
 }
 
+int tls_session_reused(SSL *ssl) { return SSL_session_reused(ssl); }
+
 const char *tls_conn_version(SSL *ssl)
 {
     return SSL_get_version(ssl);

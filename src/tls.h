@@ -125,6 +125,8 @@ const char *tls_last_error(SSL *ssl);
 
 /* Protocol version and cipher names (static strings). */
 const char *tls_conn_version(SSL *ssl);
+/* 1 when the finished handshake resumed a session. */
+int tls_session_reused(SSL *ssl);
 const char *tls_conn_cipher(SSL *ssl);
 /* The verified client certificate's subject (RFC 2253) and SHA-256
  * fingerprint (64 lowercase hex digits), malloc'd; 0, or -1 when there is

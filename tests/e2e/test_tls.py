@@ -798,3 +798,32 @@ def test_certificates_reload_without_dropping_connections(tls_gw, certs):
         time.sleep(0.02)
     assert "reload failed" in p.stderr()
     assert "CN = beta.test" in served_cert(port, "-servername", "beta.test")
+
+
+def test_handshake_metrics(portico, upstream, certs):
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    e = upstream("echo.py")
+    port, aport = free_port(), free_port()
+    cfg = make_config(port=port, routes=[{"path": "/", "upstream": "echo"}],
+                      upstreams={"echo": {"endpoints": [e.addr]}},
+                      admin={"address": "127.0.0.1:%d" % aport})
+    cfg["listeners"] = [tls_listener(port, certs)]
+    portico(cfg, port=port)
+    ctx = client_ctx(certs, maximum_version=ssl.TLSVersion.TLSv1_2)
+    with tls_connect(port, ctx) as s:
+        assert https_get(s)[0] == 200
+        sess = s.session
+    with tls_connect(port, ctx, session=sess) as s:
+        assert https_get(s)[0] == 200 and s.session_reused
+    util.recv_all(port, b"GET / HTTP/1.1\r\nHost: alpha.test\r\n\r\n", timeout=3)
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % aport, timeout=3) as r:
+        text = r.read().decode()
+    got = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "portico_tls_handshakes":
+            for smp in fam.samples:
+                got[(smp.labels["side"], smp.labels["result"])] = smp.value
+    assert got.get(("client", "full")) == 1, got
+    assert got.get(("client", "resumed")) == 1, got
+    assert got.get(("client", "plain_http")) == 1, got
