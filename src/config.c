@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "resil.h"
 #include "router.h"
 #include "uri.h"
 
@@ -738,7 +739,9 @@ static void parse_endpoints(struct load *ld, json_t *obj, struct config_upstream
         json_t *v = json_array_get(arr, i);
         struct config_endpoint *e = &u->endpoints[u->nendpoints];
         push_index(ld, i);
-        if (!json_is_string(v)) {
+        v = config_endpoint_address(ld, v);
+        if (!v) {
+        } else if (!json_is_string(v)) {
             err(ld, "expected a string like \"127.0.0.1:8000\", got %s", type_name(v));
         } else if (addr_parse(json_string_value(v), &e->addr, &e->addrlen, why, sizeof(why)) < 0) {
             if (strstr(why, "host names"))
@@ -762,10 +765,10 @@ static void parse_upstream(struct load *ld, json_t *obj, struct config_upstream 
 {
     static const char *const known[] = {
         "endpoints", "balance", "connect_timeout_ms", "timeout_ms", "keepalive",
-        "keepalive_timeout_ms", "keepalive_requests", NULL,
+        "keepalive_timeout_ms", "keepalive_requests", "retry", "circuit_breaker", "health_check",
+        "hash_on", "max_requests", "max_pending", NULL,
     };
-    static const char *const later[] = { "retry", "circuit_breaker", "health_check", NULL };
-    char shown[SHOW_BUF];
+    static const char *const later[] = { NULL };
 
     if (!json_is_object(obj)) {
         err(ld, "expected an object like {\"endpoints\": [\"127.0.0.1:8000\"]}, got %s", type_name(obj));
@@ -773,15 +776,12 @@ static void parse_upstream(struct load *ld, json_t *obj, struct config_upstream 
     }
     check_keys(ld, obj, known, later);
     parse_endpoints(ld, obj, u);
-    json_t *b = get_string(ld, obj, "balance");
-    if (b && strcmp(json_string_value(b), "round_robin") != 0)
-        err_key(ld, "balance", "%s is not supported by this build yet (only \"round_robin\")",
-                show(ld, b, shown, sizeof(shown)));
     get_timeout(ld, obj, "connect_timeout_ms", 1000, &u->connect_timeout_ms);
     get_timeout(ld, obj, "timeout_ms", 60000, &u->timeout_ms);
     get_int_field(ld, obj, "keepalive", 0, 10000, 64, &u->keepalive);
     get_timeout(ld, obj, "keepalive_timeout_ms", 30000, &u->keepalive_timeout_ms);
     get_int_field(ld, obj, "keepalive_requests", 1, 1000000000, 10000, &u->keepalive_requests);
+    config_parse_resilience(ld, obj, u);
 }
 
 static void parse_upstreams(struct load *ld, json_t *root)
@@ -1266,6 +1266,7 @@ int config_upstream_same_connections(const struct config_upstream *a, const stru
 
 int config_start_modules(struct config *c, char *err, size_t errlen)
 {
+    health_apply(c);
     for (size_t i = 0; portico_modules[i]; i++) {
         const struct module *m = portico_modules[i];
         if (m->start_global && c->module_globals && c->module_globals[i] &&
@@ -1481,6 +1482,7 @@ static void config_free(struct config *c)
             free(c->upstreams[i].endpoints[k].address);
         free(c->upstreams[i].endpoints);
         free(c->upstreams[i].name);
+        resil_upstream_free(c->upstreams[i].resil);
     }
     free(c->upstreams);
     for (size_t i = 0; i < c->nlisteners; i++)
@@ -1664,4 +1666,20 @@ struct config *config_load(const char *file, struct config_errors *errs)
         c = config_load_string(b.p, file, errs);
     free(b.p);
     return c;
+}
+
+/* config_internal.h: problem recording for the other config*.c files. */
+void config_err(struct load *ld, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    verr(ld, fmt, ap);
+    va_end(ap);
+}
+void config_push_key(struct load *ld, const char *key) { push_key(ld, key); }
+void config_push_index(struct load *ld, size_t i) { push_index(ld, i); }
+void config_pop(struct load *ld) { pop(ld); }
+const char *config_show(const struct load *ld, const json_t *v, char *buf, size_t cap)
+{
+    return show(ld, v, buf, cap);
 }

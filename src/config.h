@@ -22,6 +22,7 @@
 #include "modules.h"
 
 struct router;
+struct resil_upstream;
 
 struct config_listener {
     char *address;                 /* as written */
@@ -69,6 +70,7 @@ struct config_upstream {
     int keepalive;                 /* idle pooled connections per worker per endpoint; default 64; 0 = no pooling */
     int keepalive_timeout_ms;      /* idle pooled connection lifetime; default 30000 */
     int keepalive_requests;        /* requests per upstream connection; default 10000 */
+    struct resil_upstream *resil;  /* balancer, retries, breaker, health (resil.h) */
 };
 
 /* HTTP methods a route allows, as a bit mask over enum http_method. */

@@ -6,6 +6,7 @@
 #include "metrics.h"
 #include "upgrade.h"
 #include "log.h"
+#include "resil.h"
 #include "modules.h"
 #include "version.h"
 #include "worker.h"
@@ -528,6 +529,7 @@ int main(int argc, char **argv)
         worker_free(workers[i]);
     }
     free(workers);
+    health_stop();
     config_unref(cfg);
     log_info("stopped");
     return 0;
