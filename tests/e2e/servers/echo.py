@@ -17,6 +17,9 @@ Special paths:
   POST /slowsink     the same, reading 64 KiB every 20 ms (about 3 MB/s)
   /headers-out?a=b   answers with the given response headers
   /__stats           {connections, requests, events}; not counted itself
+  /__fail/N          from now on answer every other request with status N
+                     (0: back to normal); ?retry_after=S adds Retry-After: S;
+                     not counted itself (tests make an endpoint "fail")
 
 Byte k of a /big body is k % 256.
 Options: --port P (required), --idle-close-ms MS (close a keep-alive
@@ -37,6 +40,7 @@ import httpsrv  # noqa: E402
 PATTERN = bytes(range(256)) * 256  # 64 KiB; byte k is k % 256
 STATS = httpsrv.Counter()
 OPTS = None
+FAIL = {"status": 0, "retry_after": None}
 
 
 def peer_closed_within(sock, seconds):
@@ -159,6 +163,15 @@ def handle(sock, addr):
             if close:
                 return
             continue
+        if path.startswith("/__fail/"):
+            httpsrv.read_body(reader, req)
+            q = dict(urllib.parse.parse_qsl(req.query))
+            FAIL["status"] = int(path.split("/")[2])
+            FAIL["retry_after"] = q.get("retry_after")
+            send(sock, 200, b"{}", close=close)
+            if close:
+                return
+            continue
         with STATS.lock:
             if not counted:
                 STATS.connections += 1
@@ -185,7 +198,12 @@ def handle(sock, addr):
 
         body = httpsrv.read_body(reader, req)
         parts = path.split("/")
-        if path.startswith("/status/"):
+        if FAIL["status"]:
+            doc = describe(req, body, conn_id, conn_requests)
+            extra = [["Retry-After", FAIL["retry_after"]]] if FAIL["retry_after"] else []
+            send(sock, FAIL["status"], json.dumps(doc).encode(), headers=extra,
+                 head_only=head_only, close=close)
+        elif path.startswith("/status/"):
             status = int(parts[2])
             doc = describe(req, body, conn_id, conn_requests)
             send(sock, status, json.dumps(doc).encode(), head_only=head_only, close=close)
