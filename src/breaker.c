@@ -10,7 +10,7 @@ static uint64_t open_time(const struct breaker_policy *p, int ejections)
 
 int breaker_available(const struct ep_shared *s, const struct breaker_policy *p, uint64_t now_ms)
 {
-    if (!atomic_load(&s->healthy))
+    if (!atomic_load(&s->healthy) || !atomic_load(&s->present))
         return 0;
     if (!p->enabled)
         return 1;
@@ -26,7 +26,7 @@ int breaker_available(const struct ep_shared *s, const struct breaker_policy *p,
 
 int breaker_acquire(struct ep_shared *s, const struct breaker_policy *p, uint64_t now_ms)
 {
-    if (!atomic_load(&s->healthy))
+    if (!atomic_load(&s->healthy) || !atomic_load(&s->present))
         return 0;
     if (!p->enabled)
         return 1;

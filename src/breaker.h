@@ -23,6 +23,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
 enum breaker_state { BRK_CLOSED = 0, BRK_OPEN = 1, BRK_HALF_OPEN = 2 };
 
@@ -50,6 +51,13 @@ struct ep_shared {
     _Atomic uint64_t win_start_ms;
     _Atomic uint32_t win_requests, win_failures;
     _Atomic uint64_t total_ejections;
+    /* The address of a host name slot: written by the DNS thread only,
+     * read under the sequence lock seq (odd while being written). */
+    _Atomic int present; /* 1 for IP literals; DNS slots when filled */
+    _Atomic uint32_t seq;
+    _Atomic uint32_t gen; /* bumped when the address changes */
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
 };
 
 /* Can a request be sent now (no side effect)? */

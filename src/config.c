@@ -744,11 +744,10 @@ static void parse_endpoints(struct load *ld, json_t *obj, struct config_upstream
         } else if (!json_is_string(v)) {
             err(ld, "expected a string like \"127.0.0.1:8000\", got %s", type_name(v));
         } else if (addr_parse(json_string_value(v), &e->addr, &e->addrlen, why, sizeof(why)) < 0) {
-            if (strstr(why, "host names"))
-                err(ld, "%s: host names are not supported yet; only IP literals like "
-                        "\"10.0.0.5:8000\" or \"[fd00::5]:8000\" are supported for now",
-                    show(ld, v, shown, sizeof(shown)));
-            else
+            if (strstr(why, "host names")) {
+                if (config_endpoint_name(ld, v, e) == 0)
+                    u->nendpoints++;
+            } else
                 err(ld, "%s: %s", show(ld, v, shown, sizeof(shown)), why);
         } else if (json_string_value(v)[0] == '*') {
             err(ld, "\"*\" (any address) cannot be an endpoint; name the upstream's IP");
@@ -766,7 +765,7 @@ static void parse_upstream(struct load *ld, json_t *obj, struct config_upstream 
     static const char *const known[] = {
         "endpoints", "balance", "connect_timeout_ms", "timeout_ms", "keepalive",
         "keepalive_timeout_ms", "keepalive_requests", "retry", "circuit_breaker", "health_check",
-        "hash_on", "max_requests", "max_pending", NULL,
+        "hash_on", "max_requests", "max_pending", "dns", NULL,
     };
     static const char *const later[] = { NULL };
 
@@ -1478,8 +1477,10 @@ static void config_free(struct config *c)
         free(c->module_globals);
     }
     for (size_t i = 0; i < c->nupstreams; i++) {
-        for (size_t k = 0; k < c->upstreams[i].nendpoints; k++)
+        for (size_t k = 0; k < c->upstreams[i].nendpoints; k++) {
             free(c->upstreams[i].endpoints[k].address);
+            free(c->upstreams[i].endpoints[k].dns_host);
+        }
         free(c->upstreams[i].endpoints);
         free(c->upstreams[i].name);
         resil_upstream_free(c->upstreams[i].resil);

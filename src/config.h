@@ -58,6 +58,11 @@ struct config_endpoint {
     char *address;
     struct sockaddr_storage addr;
     socklen_t addrlen;
+    /* A host name endpoint is one of "dns.max_addresses" slots whose
+     * address the DNS thread fills in (resil.h); addr is then unused. */
+    char *dns_host;                /* NULL for an IP literal */
+    int dns_port;
+    int dns_slot;
 };
 
 struct config_upstream {

@@ -144,5 +144,9 @@ json_t *config_endpoint_address(struct load *ld, json_t *v);
  * circuit_breaker, health_check, max_requests, max_pending, endpoint
  * weights) into u->resil, then the shared state. Endpoints parsed first. */
 void config_parse_resilience(struct load *ld, json_t *obj, struct config_upstream *u);
+/* A "name:port" endpoint (v a string addr_parse called a host name):
+ * fills e for the DNS thread; 0, or -1 with the problem recorded. */
+struct config_endpoint;
+int config_endpoint_name(struct load *ld, json_t *v, struct config_endpoint *e);
 
 #endif

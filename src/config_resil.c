@@ -305,6 +305,98 @@ static void parse_health(struct load *ld, json_t *obj, struct resil_health *h)
     int_key(ld, obj, "unhealthy_threshold", 1, 1000, &h->unhealthy_threshold);
 }
 
+int config_endpoint_name(struct load *ld, json_t *v, struct config_endpoint *e)
+{
+    char shown[CONFIG_SHOW_BUF];
+    const char *s = json_string_value(v);
+    const char *colon = strrchr(s, ':');
+    size_t hl = colon ? (size_t)(colon - s) : 0;
+    int ok = colon && hl > 0 && hl <= 253;
+    for (size_t i = 0; ok && i < hl; i++)
+        ok = (s[i] >= 'a' && s[i] <= 'z') || (s[i] >= 'A' && s[i] <= 'Z') ||
+             (s[i] >= '0' && s[i] <= '9') || s[i] == '.' || s[i] == '-' || s[i] == '_';
+    long port = 0;
+    if (ok) {
+        char *end;
+        port = strtol(colon + 1, &end, 10);
+        ok = colon[1] && !*end && port >= 1 && port <= 65535;
+    }
+    if (!ok) {
+        config_err(ld, "%s: expected \"host:port\" or \"IP:port\" (like \"users.internal:8000\")",
+                   config_show(ld, v, shown, sizeof(shown)));
+        return -1;
+    }
+    memset(e, 0, sizeof(*e));
+    e->address = xstrdup(s);
+    e->dns_host = xmalloc(hl + 1);
+    memcpy(e->dns_host, s, hl);
+    e->dns_host[hl] = '\0';
+    e->dns_port = (int)port;
+    return 0;
+}
+
+static void parse_dns(struct load *ld, json_t *obj, struct resil_dns *d)
+{
+    static const char *const known[] = { "refresh_ms", "max_addresses", "hosts_file", "nameserver",
+                                         NULL };
+    if (!json_is_object(obj)) {
+        config_err(ld, "expected an object like {\"refresh_ms\": 5000}, got %s", jtype(obj));
+        return;
+    }
+    only_keys(ld, obj, known, "refresh_ms, max_addresses, hosts_file, nameserver");
+    int_key(ld, obj, "refresh_ms", 100, DAY_MS, &d->refresh_ms);
+    int_key(ld, obj, "max_addresses", 1, 64, &d->max_addresses);
+    json_t *h = json_object_get(obj, "hosts_file");
+    if (h && (!json_is_string(h) || !*json_string_value(h)))
+        err_at(ld, "hosts_file", "expected a file path, got %s", jtype(h));
+    else if (h)
+        d->hosts_file = xstrdup(json_string_value(h));
+    json_t *n = json_object_get(obj, "nameserver");
+    if (n && (!json_is_string(n) || !*json_string_value(n)))
+        err_at(ld, "nameserver",
+               "expected an address like \"10.0.0.2\" or \"127.0.0.1:5353\", got %s", jtype(n));
+    else if (n)
+        d->nameserver = xstrdup(json_string_value(n));
+}
+
+/* Each host name endpoint becomes dns.max_addresses slots, named
+ * "host:port#k", with the weight of the entry. */
+static void expand_names(struct config_upstream *u, struct resil_upstream *ru)
+{
+    size_t n = 0, slots = (size_t)ru->dns.max_addresses;
+    for (size_t i = 0; i < u->nendpoints; i++)
+        n += u->endpoints[i].dns_host ? slots : 1;
+    if (n == u->nendpoints)
+        return;
+    struct config_endpoint *eps = xcalloc(n, sizeof(*eps));
+    int *w = xcalloc(n, sizeof(*w));
+    size_t k = 0;
+    for (size_t i = 0; i < u->nendpoints; i++) {
+        struct config_endpoint *e = &u->endpoints[i];
+        if (!e->dns_host) {
+            w[k] = ru->weights[i];
+            eps[k++] = *e;
+            continue;
+        }
+        for (size_t j = 0; j < slots; j++) {
+            size_t len = strlen(e->address) + 8;
+            eps[k].address = xmalloc(len);
+            snprintf(eps[k].address, len, "%s#%zu", e->address, j);
+            eps[k].dns_host = xstrdup(e->dns_host);
+            eps[k].dns_port = e->dns_port;
+            eps[k].dns_slot = (int)j;
+            w[k++] = ru->weights[i];
+        }
+        free(e->address);
+        free(e->dns_host);
+    }
+    free(u->endpoints);
+    free(ru->weights);
+    u->endpoints = eps;
+    u->nendpoints = n;
+    ru->weights = w;
+}
+
 void config_parse_resilience(struct load *ld, json_t *obj, struct config_upstream *u)
 {
     struct resil_upstream *ru = xcalloc(1, sizeof(*ru));
@@ -392,6 +484,13 @@ void config_parse_resilience(struct load *ld, json_t *obj, struct config_upstrea
         parse_health(ld, v, &ru->health);
         config_pop(ld);
     }
+    ru->dns.refresh_ms = 5000;
+    ru->dns.max_addresses = 8;
+    if ((v = json_object_get(obj, "dns"))) {
+        config_push_key(ld, "dns");
+        parse_dns(ld, v, &ru->dns);
+        config_pop(ld);
+    }
     int_key(ld, obj, "max_requests", 0, 100000000, &ru->max_requests);
     int_key(ld, obj, "max_pending", 0, 100000000, &ru->max_pending);
 
@@ -408,6 +507,7 @@ void config_parse_resilience(struct load *ld, json_t *obj, struct config_upstrea
                              ? (int)json_integer_value(w)
                              : 1;
     }
+    expand_names(u, ru);
     if (u->nendpoints > 60000) {
         err_at(ld, "endpoints", "too many endpoints");
         return;

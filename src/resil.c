@@ -89,6 +89,8 @@ void resil_upstream_build(struct config_upstream *u)
         snprintf(key, len, "%s\x01%s", u->name, u->endpoints[i].address);
         ru->eps[i] = reg_get(&reg_eps, key, sizeof(struct ep_shared), 1);
         free(key);
+        if (!u->endpoints[i].dns_host)
+            atomic_store(&ru->eps[i]->present, 1);
         addrs[i] = u->endpoints[i].address;
         total += ru->weights[i];
     }
@@ -115,6 +117,8 @@ void resil_upstream_free(struct resil_upstream *ru)
     free(ru->hash_name);
     free(ru->health.path);
     free(ru->health.host);
+    free(ru->dns.hosts_file);
+    free(ru->dns.nameserver);
     free(ru);
 }
 
@@ -384,6 +388,55 @@ int resil_retry_after(const struct http_response *resp)
         return h->value.len ? v : -1;
     }
     return -1;
+}
+
+int resil_endpoint_addr(const struct config_upstream *u, size_t e, struct sockaddr_storage *ss,
+                        socklen_t *len, uint32_t *gen)
+{
+    const struct config_endpoint *ep = &u->endpoints[e];
+    if (!ep->dns_host || !u->resil) {
+        *ss = ep->addr;
+        *len = ep->addrlen;
+        if (gen)
+            *gen = 0;
+        return 0;
+    }
+    return resil_slot_addr(u->resil->eps[e], ss, len, gen);
+}
+
+int resil_slot_addr(struct ep_shared *s, struct sockaddr_storage *ss, socklen_t *len, uint32_t *gen)
+{
+    for (;;) {
+        uint32_t a = atomic_load_explicit(&s->seq, memory_order_acquire);
+        if (a & 1)
+            continue;
+        int present = atomic_load(&s->present);
+        memcpy(ss, &s->addr, sizeof(*ss));
+        *len = s->addrlen;
+        uint32_t g = atomic_load(&s->gen);
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&s->seq, memory_order_relaxed) != a)
+            continue;
+        if (gen)
+            *gen = g;
+        return present ? 0 : -1;
+    }
+}
+
+void resil_slot_set(struct ep_shared *s, const struct sockaddr *sa, socklen_t len)
+{
+    if (len && atomic_load(&s->present) && s->addrlen == len && memcmp(&s->addr, sa, len) == 0)
+        return;
+    if (!len && !atomic_load(&s->present))
+        return;
+    atomic_fetch_add_explicit(&s->seq, 1, memory_order_acq_rel);
+    atomic_thread_fence(memory_order_release);
+    if (len)
+        memcpy(&s->addr, sa, len);
+    s->addrlen = len;
+    atomic_fetch_add(&s->gen, 1);
+    atomic_store(&s->present, len ? 1 : 0);
+    atomic_fetch_add_explicit(&s->seq, 1, memory_order_release);
 }
 
 /* ---- admin ---------------------------------------------------------------- */

@@ -16,6 +16,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 #include "balance.h"
 #include "breaker.h"
 
@@ -56,6 +57,14 @@ struct resil_health {
     int unhealthy_threshold; /* default 2 */
 };
 
+/* Endpoints given by host name (see health.c: the health/DNS thread). */
+struct resil_dns {
+    int refresh_ms;    /* default 5000 */
+    int max_addresses; /* slots per name; default 8 */
+    char *hosts_file;  /* /etc/hosts-style file read at each refresh; NULL: none */
+    char *nameserver;  /* "ip[:port]"; NULL: /etc/resolv.conf */
+};
+
 struct resil_upstream {
     enum balance_kind balance;
     enum hash_source hash_on;
@@ -68,6 +77,7 @@ struct resil_upstream {
     struct breaker_policy breaker;
     uint8_t failure_status[75]; /* responses the breaker counts as failures */
     struct resil_health health;
+    struct resil_dns dns;
     int max_requests; /* in flight, all workers; 0 = no limit */
     int max_pending;  /* waiting for a new connection; 0 = no limit */
     struct up_shared *shared;
@@ -141,6 +151,17 @@ void resil_try_end(struct resil_req *rq);
 void resil_req_end(struct resil_req *rq);
 /* Seconds from a Retry-After header of resp: -1 when absent or a date. */
 int resil_retry_after(const struct http_response *resp);
+
+/* The address of endpoint e of u for a new connection: the literal, or
+ * the DNS slot's current one. *gen (may be NULL) tells a change apart.
+ * Returns -1 when a DNS slot is empty. Lock-free. */
+int resil_endpoint_addr(const struct config_upstream *u, size_t e, struct sockaddr_storage *ss,
+                        socklen_t *len, uint32_t *gen);
+/* The same from a slot's shared state. */
+int resil_slot_addr(struct ep_shared *s, struct sockaddr_storage *ss, socklen_t *len,
+                    uint32_t *gen);
+/* The DNS thread sets a slot's address (len 0: empty). */
+void resil_slot_set(struct ep_shared *s, const struct sockaddr *sa, socklen_t len);
 
 /* ---- admin and main ---------------------------------------------------- */
 

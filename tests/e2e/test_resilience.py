@@ -6,11 +6,13 @@ shared state surviving a reload. Upstream request counts come from each
 echo's own /__stats."""
 import json
 import signal
+import socket
+import subprocess
 import threading
 import time
 
 import util
-from conftest import free_port, make_config
+from conftest import PYTHON, SERVERS, free_port, make_config
 
 
 def names(port, n, target="/x", headers=None):
@@ -285,3 +287,52 @@ def test_reload_keeps_breaker_and_health_state(portico, upstream):
     assert {n for _, n in names(p.port, 10)} == {"b"}
     assert requests_of(a) == before
     assert util.get(p.port, "/other/").status == 204
+
+
+def test_dns_name_is_followed_when_its_record_changes(portico, upstream, tmp_path):
+    """A host name endpoint resolved by the DNS thread from an /etc/hosts
+    style file (dns.hosts_file, read again at each refresh): when the
+    record moves to another address, traffic follows without a reload;
+    when the name stops resolving, the last addresses stay."""
+    a = upstream("echo.py", "--name", "a")
+    # b: the same port as a on 127.0.0.2 (a name maps to addresses; the
+    # port is the endpoint's).
+    bp = subprocess.Popen([PYTHON, "-S", str(SERVERS / "echo.py"), "--port", str(a.port),
+                           "--host", "127.0.0.2", "--name", "b"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert util.wait_until(lambda: _can_connect("127.0.0.2", a.port), 5)
+        hosts = tmp_path / "hosts"
+        hosts.write_text("127.0.0.1 svc.test\n")
+        admin = free_port()
+        cfg = make_config(upstreams={"svc": {
+            "endpoints": ["svc.test:%d" % a.port],
+            "dns": {"hosts_file": str(hosts), "refresh_ms": 100, "max_addresses": 4}}},
+            routes=[{"path": "/", "upstream": "svc"}], admin={"address": "127.0.0.1:%d" % admin})
+        p = portico(cfg)
+        assert util.wait_until(lambda: util.get(p.port, "/x").status == 200, 3)
+        assert {n for _, n in names(p.port, 5)} == {"a"}
+        hosts.write_text("127.0.0.2 svc.test\n")
+        assert util.wait_until(lambda: util.get(p.port, "/x").json().get("server") == "b", 3)
+        assert {n for _, n in names(p.port, 5)} == {"b"}
+        # Both addresses: both get traffic.
+        hosts.write_text("127.0.0.1 svc.test\n127.0.0.2 svc.test\n")
+        assert util.wait_until(lambda: {n for _, n in names(p.port, 6)} == {"a", "b"}, 3)
+        # The name no longer resolves: the last known addresses stay.
+        hosts.write_text("# nothing\n")
+        time.sleep(0.5)
+        assert [s for s, _ in names(p.port, 6)] == [200] * 6
+        assert "keeping the last known addresses" in p.stderr()
+        eps = admin_upstreams(admin)["svc"]
+        assert len(eps) == 4
+    finally:
+        bp.kill()
+        bp.wait()
+
+
+def _can_connect(host, port):
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False

@@ -22,8 +22,10 @@ static struct breaker_policy pol(void)
 
 static void init(struct ep_shared *s, size_t n)
 {
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         atomic_store(&s[i].healthy, 1);
+        atomic_store(&s[i].present, 1);
+    }
 }
 
 static void test_consecutive_and_half_open(void)

@@ -10,6 +10,7 @@
 #include "addr.h"
 #include "config.h"
 #include "modules.h"
+#include "resil.h"
 #include "router.h"
 
 #define SECRET_MARKER "zq-SECRET-MARKER-91f3"
@@ -421,9 +422,26 @@ static void test_addresses(void)
     EXPECT_ERROR("{'listeners': [{'address': '*:80'}, {'address': '[::1]:80'}, {'address': '0.0.0.0:80'}],"
                  " 'routes': [" RESPOND_ROUTE "]}",
                  "listeners[2].address: the same address as listeners[0]");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'orders': {'endpoints': ['orders.internal:8000']}},"
+    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'orders': {'endpoints': ['orders internal:8000']}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
-                 "upstreams.orders.endpoints[0]: \"orders.internal:8000\": host names are not supported yet; only IP literals");
+                 "upstreams.orders.endpoints[0]: \"orders internal:8000\": expected \"host:port\" or \"IP:port\"");
+    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'orders': {'endpoints': ['orders.internal:8000'], 'dns': {'max_addresses': 0}}},"
+                 " 'routes': [" RESPOND_ROUTE "]}",
+                 "upstreams.orders.dns.max_addresses: must be from 1 to 64, got 0");
+    {
+        /* A host name endpoint becomes dns.max_addresses slots. */
+        struct config *hc = EXPECT_OK("{" LISTEN ", 'upstreams': {'orders': {'endpoints':"
+                                      " ['10.0.0.1:80', {'address': 'orders.internal:8000', 'weight': 2}],"
+                                      " 'dns': {'max_addresses': 3}}}, 'routes': [" RESPOND_ROUTE "]}");
+        if (hc) {
+            CHECK_EQ_INT(hc->upstreams[0].nendpoints, 4);
+            CHECK(strcmp(hc->upstreams[0].endpoints[2].address, "orders.internal:8000#1") == 0);
+            CHECK_EQ_INT(hc->upstreams[0].endpoints[3].dns_port, 8000);
+            CHECK_EQ_INT(hc->upstreams[0].resil->weights[3], 2);
+            CHECK_EQ_INT(hc->upstreams[0].resil->weights[0], 1);
+        }
+        config_unref(hc);
+    }
     EXPECT_ERROR("{" LISTEN ", 'upstreams': {'o': {'endpoints': ['*:8000']}}, 'routes': [" RESPOND_ROUTE "]}",
                  "upstreams.o.endpoints[0]: \"*\" (any address) cannot be an endpoint");
     EXPECT_ERROR("{" LISTEN ", 'upstreams': {'o': {'endpoints': []}}, 'routes': [" RESPOND_ROUTE "]}",

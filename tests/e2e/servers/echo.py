@@ -22,7 +22,7 @@ Special paths:
                      not counted itself (tests make an endpoint "fail")
 
 Byte k of a /big body is k % 256.
-Options: --port P (required), --idle-close-ms MS (close a keep-alive
+Options: --port P (required), --host 127.0.0.N (default 127.0.0.1), --idle-close-ms MS (close a keep-alive
 connection idle that long), --name NAME (answers carry "server": NAME).
 Prints nothing.
 """
@@ -247,7 +247,7 @@ def main():
     p.add_argument("--idle-close-ms", type=int, default=0)
     p.add_argument("--name", default="echo", help="reported as \"server\" in every answer")
     OPTS = p.parse_args()
-    httpsrv.serve(handle, OPTS.port)
+    httpsrv.serve(handle, OPTS.port, OPTS.host)
 
 
 if __name__ == "__main__":
