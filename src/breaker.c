@@ -93,17 +93,23 @@ int breaker_report(struct ep_shared *const *eps, size_t n, size_t i, const struc
     struct ep_shared *s = eps[i];
     if (!p->enabled)
         return 0;
-    uint64_t ws = atomic_load(&s->win_start_ms);
-    if (now_ms - ws >= (uint64_t)p->window_ms &&
-        atomic_compare_exchange_strong(&s->win_start_ms, &ws, now_ms)) {
-        atomic_store(&s->win_requests, 0);
-        atomic_store(&s->win_failures, 0);
+    uint32_t wr = 0, wf = 0;
+    if (p->failure_percent) {
+        uint64_t ws = atomic_load(&s->win_start_ms);
+        if (now_ms - ws >= (uint64_t)p->window_ms &&
+            atomic_compare_exchange_strong(&s->win_start_ms, &ws, now_ms)) {
+            atomic_store(&s->win_requests, 0);
+            atomic_store(&s->win_failures, 0);
+        }
+        wr = atomic_fetch_add(&s->win_requests, 1) + 1;
+        wf = ok ? atomic_load(&s->win_failures) : atomic_fetch_add(&s->win_failures, 1) + 1;
     }
-    uint32_t wr = atomic_fetch_add(&s->win_requests, 1) + 1;
-    uint32_t wf = ok ? atomic_load(&s->win_failures) : atomic_fetch_add(&s->win_failures, 1) + 1;
     int st = atomic_load(&s->state);
     if (ok) {
-        atomic_store(&s->consecutive, 0);
+        /* Only a write when there is something to reset: the line stays
+         * shared between the workers' caches on the success path. */
+        if (atomic_load(&s->consecutive))
+            atomic_store(&s->consecutive, 0);
         if (st == BRK_HALF_OPEN) {
             int expect = BRK_HALF_OPEN;
             if (atomic_compare_exchange_strong(&s->state, &expect, BRK_CLOSED)) {

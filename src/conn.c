@@ -800,6 +800,15 @@ static void upstream_warn(struct conn *c, const char *fmt, ...) __attribute__((f
 
 static double conn_random(void *w) { return worker_random(w); }
 
+/* The client address only when the balancer hashes on it (finding it may
+ * parse X-Forwarded-For). */
+static const char *pick_client_ip(struct request *r)
+{
+    const struct resil_upstream *ru = r->route->upstream->resil;
+    return ru->balance == BAL_HASH && ru->hash_on == HASH_CLIENT_ADDRESS ? request_client_ip(r)
+                                                                          : NULL;
+}
+
 /* Every endpoint ejected or unhealthy, or the upstream over its limits:
  * answer at once without touching it. */
 static void upstream_refuse(struct conn *c, const char *kind)
@@ -862,7 +871,7 @@ static void start_proxy(struct conn *c)
         upstream_refuse(c, "max_requests");
         return;
     }
-    int idx = resil_pick(&r->resil, up, &c->ps->rr[up->index], &r->head, request_client_ip(r),
+    int idx = resil_pick(&r->resil, up, &c->ps->rr[up->index], &r->head, pick_client_ip(r),
                          conn_random, w, r->rb_start_ms);
     if (idx < 0) {
         upstream_refuse(c, "no endpoint available");
@@ -918,7 +927,7 @@ static void retry_now(struct conn *c)
     const struct config_upstream *up = r->route->upstream;
     uint64_t now = worker_now_ms(c->w);
     r->resil.retry_at_ms = 0;
-    int idx = resil_pick(&r->resil, up, &c->ps->rr[up->index], &r->head, request_client_ip(r),
+    int idx = resil_pick(&r->resil, up, &c->ps->rr[up->index], &r->head, pick_client_ip(r),
                          conn_random, c->w, now);
     if (idx < 0) {
         upstream_refuse(c, "no endpoint available");
@@ -962,6 +971,8 @@ static int retry_schedule(struct conn *c, unsigned kind, int status)
         c->up = NULL;
     }
     resil_try_end(&r->resil);
+    if (r->resil.body_kept)
+        r->rb = RB_DONE; /* all read from the client; sent again from the copy */
     r->up_eof = 0;
     r->up_write_failed = 0;
     r->up_connect_deadline_ms = 0;

@@ -128,11 +128,14 @@ int resil_admit(struct resil_req *rq, struct resil_upstream *ru, uint64_t now_ms
 {
     rq->ru = ru;
     rq->idx = -1;
-    int act = atomic_fetch_add(&ru->shared->active, 1);
-    rq->counted = 1;
-    if (ru->max_requests && act >= ru->max_requests)
-        return -1;
-    budget_note_request(ru->shared, now_ms);
+    if (ru->max_requests) {
+        int act = atomic_fetch_add(&ru->shared->active, 1);
+        rq->counted = 1;
+        if (act >= ru->max_requests)
+            return -1;
+    }
+    if (ru->retry.attempts > 1)
+        budget_note_request(ru->shared, now_ms);
     return 0;
 }
 
