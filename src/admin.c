@@ -1,6 +1,7 @@
 #define _GNU_SOURCE /* pipe2 */
 /* The admin listener (see admin.h). */
 #include "admin.h"
+#include "addr.h"
 #include "config.h"
 #include "log.h"
 #include "metrics.h"
@@ -126,6 +127,19 @@ static json_t *upstreams_json(const struct config *cfg)
                                "health", resil_ep_healthy(up, e) ? "healthy" : "unhealthy",
                                "circuit", resil_ep_circuit(up, e, now), "active",
                                resil_ep_active(up, e)));
+            if (up->endpoints[e].dns_host) {
+                /* A host name slot: its current address, or null when empty. */
+                struct sockaddr_storage ss;
+                socklen_t sl;
+                char shown[64];
+                json_t *ep = json_array_get(eps, json_array_size(eps) - 1);
+                if (resil_endpoint_addr(up, e, &ss, &sl, NULL) == 0) {
+                    addr_format((struct sockaddr *)&ss, shown, sizeof(shown));
+                    json_object_set_new(ep, "resolved", json_string(shown));
+                } else {
+                    json_object_set_new(ep, "resolved", json_null());
+                }
+            }
         }
         json_array_append_new(ups, json_pack("{s:s, s:o}", "name", up->name, "endpoints", eps));
     }

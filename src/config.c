@@ -1265,7 +1265,6 @@ int config_upstream_same_connections(const struct config_upstream *a, const stru
 
 int config_start_modules(struct config *c, char *err, size_t errlen)
 {
-    health_apply(c);
     for (size_t i = 0; portico_modules[i]; i++) {
         const struct module *m = portico_modules[i];
         if (m->start_global && c->module_globals && c->module_globals[i] &&

@@ -277,6 +277,7 @@ static int reload_config(const char *file, struct config **cur, struct worker **
     *cur = nc;
     ctl.cfg = nc;
     pthread_mutex_unlock(&ctl.lock);
+    health_apply(nc); /* checks and lookups follow the snapshot that serves */
     int lvl = log_level_parse(nc->log_level ? nc->log_level : "info");
     log_min_level = lvl < 0 ? LOG_INFO : lvl;
     for (int i = 0; i < nw; i++)
@@ -415,6 +416,7 @@ int main(int argc, char **argv)
         config_unref(cfg);
         return 1;
     }
+    health_apply(cfg);
 
     int nw = cfg->workers;
     struct worker **workers = xcalloc((size_t)nw, sizeof(*workers));

@@ -325,6 +325,8 @@ def test_dns_name_is_followed_when_its_record_changes(portico, upstream, tmp_pat
         assert "keeping the last known addresses" in p.stderr()
         eps = admin_upstreams(admin)["svc"]
         assert len(eps) == 4
+        assert sorted(e["resolved"] for e in eps.values() if e["resolved"]) == \
+            ["127.0.0.1:%d" % a.port, "127.0.0.2:%d" % a.port]
     finally:
         bp.kill()
         bp.wait()
