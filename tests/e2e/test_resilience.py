@@ -338,3 +338,77 @@ def _can_connect(host, port):
         return True
     except OSError:
         return False
+
+
+def test_reset_before_any_byte_and_per_try_timeout_are_retried(portico, upstream):
+    """misbehave "close" (the request is read, the connection closed without
+    a byte) and "hang" (never answers): retried on the good endpoint when
+    "reset" / "timeout" are listed, the failure answered otherwise."""
+    closer = upstream("misbehave.py", "--mode", "close")
+    hanger = upstream("misbehave.py", "--mode", "hang")
+    good = upstream("echo.py", "--name", "good")
+    base = {"retry": {"attempts": 2, "on": ["reset", "timeout"], "backoff_ms": 0,
+                      "per_try_timeout_ms": 300}}
+    cfg = make_config(upstreams={
+        "r": dict(base, endpoints=[closer.addr, good.addr]),
+        "t": dict(base, endpoints=[hanger.addr, good.addr]),
+        "n": {"endpoints": [closer.addr, good.addr], "retry": {"attempts": 2, "on": ["connect_failure"]}}},
+        routes=[{"path": "/r/", "upstream": "r"}, {"path": "/t/", "upstream": "t"},
+                {"path": "/n/", "upstream": "n"}])
+    p = portico(cfg)
+    assert [util.get(p.port, "/r/%d" % i).status for i in range(6)] == [200] * 6
+    t0 = time.monotonic()
+    assert [util.get(p.port, "/t/%d" % i).status for i in range(4)] == [200] * 4
+    assert time.monotonic() - t0 < 4 * 0.3 + 1.5   # each waited at most one per-try timeout
+    assert 502 in [util.get(p.port, "/n/%d" % i).status for i in range(4)]
+
+
+def test_health_checks_come_from_one_place(portico, upstream):
+    """Four workers, one check per interval: the checks do not multiply."""
+    a = upstream("echo.py", "--name", "a")
+    cfg = make_config(upstreams={"svc": {
+        "endpoints": [a.addr], "health_check": {"path": "/healthz", "interval_ms": 200}}},
+        routes=[{"path": "/", "upstream": "svc"}], workers=4)
+    portico(cfg)
+    time.sleep(0.5)
+    before = requests_of(a)
+    time.sleep(2.0)
+    n = requests_of(a) - before
+    assert 7 <= n <= 13, n   # about 10 in 2 s; 40 if each worker checked
+
+
+def test_dns_name_served_by_a_name_server_is_followed(portico, upstream, tmp_path):
+    """The same through a real (test) DNS server over UDP (dns.nameserver):
+    the record changes, traffic follows; the server dies, the last
+    addresses stay."""
+    a = upstream("echo.py", "--name", "a")
+    bp = subprocess.Popen([PYTHON, "-S", str(SERVERS / "echo.py"), "--port", str(a.port),
+                           "--host", "127.0.0.2", "--name", "b"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps({"svc.test": ["127.0.0.1"]}))
+    dport = free_port()
+    dns = subprocess.Popen([PYTHON, "-S", str(SERVERS / "dns.py"), "--port", str(dport),
+                            "--records", str(records), "--log", str(tmp_path / "dns.log")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert util.wait_until(lambda: _can_connect("127.0.0.2", a.port), 5)
+        cfg = make_config(upstreams={"svc": {
+            "endpoints": ["svc.test:%d" % a.port],
+            "dns": {"nameserver": "127.0.0.1:%d" % dport, "refresh_ms": 150}}},
+            routes=[{"path": "/", "upstream": "svc"}])
+        p = portico(cfg)
+        assert util.wait_until(lambda: util.get(p.port, "/x").status == 200, 5)
+        assert {n for _, n in names(p.port, 4)} == {"a"}
+        records.write_text(json.dumps({"svc.test": ["127.0.0.2"]}))
+        assert util.wait_until(lambda: util.get(p.port, "/x").json().get("server") == "b", 5)
+        assert {n for _, n in names(p.port, 4)} == {"b"}
+        assert "svc.test 1" in (tmp_path / "dns.log").read_text().lower()  # evdns mixes case (0x20)
+        dns.kill()
+        dns.wait()
+        time.sleep(0.6)
+        assert [s for s, _ in names(p.port, 4)] == [200] * 4
+    finally:
+        for proc in (bp, dns):
+            proc.kill()
+            proc.wait()
