@@ -118,15 +118,15 @@ static json_t *upstreams_json(const struct config *cfg)
         for (size_t e = 0; e < up->nendpoints; e++) {
             const char *addr = up->endpoints[e].address;
             json_array_append_new(
-                eps, json_pack("{s:s, s:I, s:I, s:s, s:s, s:i}", "address", addr, "requests",
-                               (json_int_t)metrics_sum("portico_upstream_requests_total",
-                                                       "upstream", up->name, "endpoint", addr),
-                               "errors",
-                               (json_int_t)metrics_sum("portico_upstream_errors_total",
-                                                       "upstream", up->name, "endpoint", addr),
-                               "health", resil_ep_healthy(up, e) ? "healthy" : "unhealthy",
-                               "circuit", resil_ep_circuit(up, e, now), "active",
-                               resil_ep_active(up, e)));
+                eps,
+                json_pack("{s:s, s:I, s:I, s:s, s:s, s:i}", "address", addr, "requests",
+                          (json_int_t)metrics_sum("portico_upstream_requests_total", "upstream",
+                                                  up->name, "endpoint", addr),
+                          "errors",
+                          (json_int_t)metrics_sum("portico_upstream_errors_total", "upstream",
+                                                  up->name, "endpoint", addr),
+                          "health", resil_ep_healthy(up, e) ? "healthy" : "unhealthy", "circuit",
+                          resil_ep_circuit(up, e, now), "active", resil_ep_active(up, e)));
             if (up->endpoints[e].dns_host) {
                 /* A host name slot: its current address, or null when empty. */
                 struct sockaddr_storage ss;

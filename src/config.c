@@ -763,9 +763,11 @@ static void parse_endpoints(struct load *ld, json_t *obj, struct config_upstream
 static void parse_upstream(struct load *ld, json_t *obj, struct config_upstream *u)
 {
     static const char *const known[] = {
-        "endpoints", "balance", "connect_timeout_ms", "timeout_ms", "keepalive",
-        "keepalive_timeout_ms", "keepalive_requests", "retry", "circuit_breaker", "health_check",
-        "hash_on", "max_requests", "max_pending", "dns", NULL,
+        "endpoints",          "balance",   "connect_timeout_ms",
+        "timeout_ms",         "keepalive", "keepalive_timeout_ms",
+        "keepalive_requests", "retry",     "circuit_breaker",
+        "health_check",       "hash_on",   "max_requests",
+        "max_pending",        "dns",       NULL,
     };
     static const char *const later[] = { NULL };
 
@@ -1676,9 +1678,18 @@ void config_err(struct load *ld, const char *fmt, ...)
     verr(ld, fmt, ap);
     va_end(ap);
 }
-void config_push_key(struct load *ld, const char *key) { push_key(ld, key); }
-void config_push_index(struct load *ld, size_t i) { push_index(ld, i); }
-void config_pop(struct load *ld) { pop(ld); }
+void config_push_key(struct load *ld, const char *key)
+{
+    push_key(ld, key);
+}
+void config_push_index(struct load *ld, size_t i)
+{
+    push_index(ld, i);
+}
+void config_pop(struct load *ld)
+{
+    pop(ld);
+}
 const char *config_show(const struct load *ld, const json_t *v, char *buf, size_t cap)
 {
     return show(ld, v, buf, cap);

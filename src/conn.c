@@ -798,7 +798,10 @@ static int method_idempotent(enum http_method m)
 
 static void upstream_warn(struct conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-static double conn_random(void *w) { return worker_random(w); }
+static double conn_random(void *w)
+{
+    return worker_random(w);
+}
 
 /* The client address only when the balancer hashes on it (finding it may
  * parse X-Forwarded-For). */
@@ -806,7 +809,7 @@ static const char *pick_client_ip(struct request *r)
 {
     const struct resil_upstream *ru = r->route->upstream->resil;
     return ru->balance == BAL_HASH && ru->hash_on == HASH_CLIENT_ADDRESS ? request_client_ip(r)
-                                                                          : NULL;
+                                                                         : NULL;
 }
 
 /* Every endpoint ejected or unhealthy, or the upstream over its limits:
@@ -1066,8 +1069,8 @@ static void upstream_gone(struct conn *c, int status, const char *why)
     metrics_add(&c->w->metrics, "portico_upstream_errors_total", 1, "upstream",
                 r->route->upstream->name, "endpoint", r->ep ? r->ep->address : "", "kind", kind);
     try_verdict(c, 0);
-    unsigned rkind = status == 504                                   ? RETRY_ON_TIMEOUT
-                     : strncmp(why, "connect", 7) == 0                ? RETRY_ON_CONNECT
+    unsigned rkind = status == 504                     ? RETRY_ON_TIMEOUT
+                     : strncmp(why, "connect", 7) == 0 ? RETRY_ON_CONNECT
                      : strcmp(why, "connection reset") == 0 ||
                              strcmp(why, "upstream closed without answering") == 0
                          ? RETRY_ON_RESET

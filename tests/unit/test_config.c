@@ -322,31 +322,46 @@ static void test_not_yet(void)
                      "jwt_providers: needs the jwt_auth module, which is not built into this binary");
     EXPECT_ERROR("{'listeners': [{'address': '127.0.0.1:8443', 'tls': {}}], 'routes': [" RESPOND_ROUTE "]}",
                  "listeners[0].tls: not supported by this build yet");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'retry': {'on': ['reset', 'sometimes']}}},"
+    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'retry': {'on': "
+                            "['reset', 'sometimes']}}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
-                 "upstreams.a.retry.on[1]: expected \"connect_failure\", \"reset\", \"timeout\" or a status like \"503\", got \"sometimes\"");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'retry': {'attempts': 0}}},"
+                 "upstreams.a.retry.on[1]: expected \"connect_failure\", \"reset\", \"timeout\" or "
+                 "a status like \"503\", got \"sometimes\"");
+    EXPECT_ERROR("{" LISTEN
+                 ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'retry': {'attempts': 0}}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
                  "upstreams.a.retry.attempts: must be from 1 to 10, got 0");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'circuit_breaker': {'open': 5}}},"
+    EXPECT_ERROR(
+        "{" LISTEN
+        ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'circuit_breaker': {'open': 5}}},"
+        " 'routes': [" RESPOND_ROUTE "]}",
+        "upstreams.a.circuit_breaker.open: unknown key");
+    EXPECT_ERROR(
+        "{" LISTEN
+        ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'health_check': {'path': 'healthz'}}},"
+        " 'routes': [" RESPOND_ROUTE "]}",
+        "upstreams.a.health_check.path: expected a path like \"/healthz\"");
+    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'health_check': "
+                            "{'expected_statuses': ['2yy']}}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
-                 "upstreams.a.circuit_breaker.open: unknown key");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'health_check': {'path': 'healthz'}}},"
+                 "upstreams.a.health_check.expected_statuses[0]: expected a status code like "
+                 "\"503\" or a class like \"5xx\", got \"2yy\"");
+    EXPECT_ERROR("{" LISTEN
+                 ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'balance': 'least_conn'}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
-                 "upstreams.a.health_check.path: expected a path like \"/healthz\"");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'health_check': {'expected_statuses': ['2yy']}}},"
-                 " 'routes': [" RESPOND_ROUTE "]}",
-                 "upstreams.a.health_check.expected_statuses[0]: expected a status code like \"503\" or a class like \"5xx\", got \"2yy\"");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'balance': 'least_conn'}},"
-                 " 'routes': [" RESPOND_ROUTE "]}",
-                 "upstreams.a.balance: expected \"round_robin\", \"least_request\", \"random\" or \"hash\", got \"least_conn\"");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'hash_on': 'header:X'}},"
+                 "upstreams.a.balance: expected \"round_robin\", \"least_request\", \"random\" or "
+                 "\"hash\", got \"least_conn\"");
+    EXPECT_ERROR("{" LISTEN
+                 ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'hash_on': 'header:X'}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
                  "upstreams.a.hash_on: only with \"balance\": \"hash\"");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'balance': 'hash', 'hash_on': 'body'}},"
+    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'balance': "
+                            "'hash', 'hash_on': 'body'}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
-                 "upstreams.a.hash_on: expected \"header:NAME\", \"cookie:NAME\" or \"client_address\", got \"body\"");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': [{'address': '127.0.0.1:1', 'weight': 0}]}},"
+                 "upstreams.a.hash_on: expected \"header:NAME\", \"cookie:NAME\" or "
+                 "\"client_address\", got \"body\"");
+    EXPECT_ERROR("{" LISTEN
+                 ", 'upstreams': {'a': {'endpoints': [{'address': '127.0.0.1:1', 'weight': 0}]}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
                  "upstreams.a.endpoints[0].weight: must be from 1 to 100, got 0");
     EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': [{'weight': 2}]}},"
@@ -424,15 +439,18 @@ static void test_addresses(void)
                  "listeners[2].address: the same address as listeners[0]");
     EXPECT_ERROR("{" LISTEN ", 'upstreams': {'orders': {'endpoints': ['orders internal:8000']}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
-                 "upstreams.orders.endpoints[0]: \"orders internal:8000\": expected \"host:port\" or \"IP:port\"");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'orders': {'endpoints': ['orders.internal:8000'], 'dns': {'max_addresses': 0}}},"
+                 "upstreams.orders.endpoints[0]: \"orders internal:8000\": expected \"host:port\" "
+                 "or \"IP:port\"");
+    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'orders': {'endpoints': ['orders.internal:8000'], "
+                            "'dns': {'max_addresses': 0}}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
                  "upstreams.orders.dns.max_addresses: must be from 1 to 64, got 0");
     {
         /* A host name endpoint becomes dns.max_addresses slots. */
-        struct config *hc = EXPECT_OK("{" LISTEN ", 'upstreams': {'orders': {'endpoints':"
-                                      " ['10.0.0.1:80', {'address': 'orders.internal:8000', 'weight': 2}],"
-                                      " 'dns': {'max_addresses': 3}}}, 'routes': [" RESPOND_ROUTE "]}");
+        struct config *hc =
+            EXPECT_OK("{" LISTEN ", 'upstreams': {'orders': {'endpoints':"
+                      " ['10.0.0.1:80', {'address': 'orders.internal:8000', 'weight': 2}],"
+                      " 'dns': {'max_addresses': 3}}}, 'routes': [" RESPOND_ROUTE "]}");
         if (hc) {
             CHECK_EQ_INT(hc->upstreams[0].nendpoints, 4);
             CHECK(strcmp(hc->upstreams[0].endpoints[2].address, "orders.internal:8000#1") == 0);
