@@ -1157,8 +1157,11 @@ static void parse_route_name(struct load *ld, json_t *obj, struct config_route *
 static struct config_route *parse_route(struct load *ld, json_t *obj, size_t i)
 {
     static const char *const known[] = {
-        "name", "host", "path", "exact", "methods", "upstream", "respond",
-        "strip_prefix", "prefix_rewrite", "filters", "log_sample", NULL,
+        "name",    "host",         "path",
+        "exact",   "methods",      "upstream",
+        "respond", "strip_prefix", "prefix_rewrite",
+        "filters", "log_sample",   "retry_non_idempotent",
+        NULL,
     };
     static const char *const later[] = { "websocket", NULL };
     struct config_route *r = xcalloc(1, sizeof(*r));
@@ -1174,6 +1177,9 @@ static struct config_route *parse_route(struct load *ld, json_t *obj, size_t i)
     parse_host(ld, obj, r);
     parse_path(ld, obj, r);
     get_bool(ld, obj, "exact", 0, &r->exact);
+    get_bool(ld, obj, "retry_non_idempotent", 0, &r->retry_non_idempotent);
+    if (r->retry_non_idempotent && !json_object_get(obj, "upstream"))
+        err_key(ld, "retry_non_idempotent", "only for routes with \"upstream\"");
     parse_methods(ld, obj, r);
     parse_target(ld, obj, r);
     parse_filters(ld, obj, &r->filters, &r->nfilters);

@@ -103,6 +103,7 @@ struct config_route {
     struct filter_conf *filters;   /* the route's own filters, in order */
     size_t nfilters;
     double log_sample;             /* "log_sample"; -1 = access_log.sample */
+    int retry_non_idempotent;      /* retries may resend POST etc. (resil.h) */
 };
 
 #define ACCESSLOG_TEXT_DEFAULT                                                                    \

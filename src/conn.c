@@ -892,7 +892,8 @@ static void start_proxy(struct conn *c)
     proxy_build_request(c, &c->up->out);
     const struct resil_retry *rt = &up->resil->retry;
     int idem = method_idempotent(r->head.method);
-    int may_retry = rt->attempts > 1 && (idem || rt->non_idempotent);
+    int may_retry =
+        rt->attempts > 1 && (idem || rt->non_idempotent || r->route->retry_non_idempotent);
     /* A small body already read in full is sent from a copy, so that a
      * retry can send it again; bigger or chunked bodies stream and are
      * not replayable. */
@@ -960,8 +961,9 @@ static int retry_schedule(struct conn *c, unsigned kind, int status)
     int exhausted = 0;
     int replayable = r->up_head && (r->rb == RB_NONE || r->resil.body_kept);
     if (r->resp_started || r->rs != RS_WAIT_HEAD ||
-        !resil_may_retry(&r->resil, kind, status, method_idempotent(r->head.method), replayable,
-                         now, &exhausted)) {
+        !resil_may_retry(&r->resil, kind, status,
+                         method_idempotent(r->head.method) || r->route->retry_non_idempotent,
+                         replayable, now, &exhausted)) {
         if (exhausted)
             metrics_add(&c->w->metrics, "portico_upstream_retry_budget_exhausted_total", 1,
                         "upstream", name, NULL, NULL, NULL, NULL);

@@ -82,6 +82,12 @@ def test_post_is_not_retried_unless_allowed(portico, upstream):
     assert [r.status for r in lenient] == [200] * 6
     # The replayed body arrived whole.
     assert {r.json()["body"] for r in lenient} == {"hello"}
+    # A route may allow it for its requests alone.
+    cfg["routes"].insert(0, {"path": "/strict/ok/", "upstream": "u", "retry_non_idempotent": True})
+    p.config_path.write_text(json.dumps(cfg))
+    reload_and_wait(p, 0)
+    assert [util.request(p.port, "POST", "/strict/ok/%d" % i, body=b"hi").status
+            for i in range(6)] == [200] * 6
     # GETs on the strict upstream are retried.
     assert [util.get(p.port, "/strict/g%d" % i).status for i in range(6)] == [200] * 6
 
