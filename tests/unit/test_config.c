@@ -897,6 +897,54 @@ static void test_shipped_configs(void)
         CHECK(strcmp(route_for(c, "users.example.com", "GET", "/static/app.css"), "users-static") == 0);
     }
     config_unref(c);
+    c = load_example("conf/examples/resilience.json");
+    if (c) {
+        const struct config_upstream *u = config_find_upstream(c, "users");
+        const struct resil_upstream *ru = u->resil;
+        CHECK_EQ_INT(ru->balance, BAL_LEAST_REQUEST);
+        CHECK_EQ_INT(ru->weights[2], 2);
+        CHECK_EQ_INT(ru->nschedule, 4);
+        CHECK_EQ_INT(ru->retry.attempts, 2);
+        CHECK_EQ_INT(ru->retry.on, RETRY_ON_CONNECT | RETRY_ON_RESET);
+        CHECK(resil_status_in(ru->retry.on_status, 503) &&
+              !resil_status_in(ru->retry.on_status, 502));
+        CHECK_EQ_INT(ru->retry.per_try_timeout_ms, 3000);
+        CHECK_EQ_INT(ru->breaker.enabled, 1);
+        CHECK_EQ_INT(ru->breaker.max_ejected_percent, 50);
+        CHECK(resil_status_in(ru->failure_status, 503) &&
+              !resil_status_in(ru->failure_status, 500));
+        CHECK_EQ_INT(ru->health.enabled, 1);
+        CHECK_EQ_INT(ru->health.unhealthy_threshold, 3);
+        CHECK(resil_status_in(ru->health.statuses, 204) &&
+              !resil_status_in(ru->health.statuses, 500));
+        CHECK_EQ_INT(ru->max_requests, 2000);
+        u = config_find_upstream(c, "sessions");
+        CHECK_EQ_INT(u->resil->balance, BAL_HASH);
+        CHECK_EQ_INT(u->resil->hash_on, HASH_COOKIE);
+        CHECK(strcmp(u->resil->hash_name, "session") == 0);
+        CHECK_EQ_INT(u->resil->ring.n, 3 * BALANCE_RING_POINTS);
+        CHECK_EQ_INT(u->resil->health.enabled, 0);
+        u = config_find_upstream(c, "orders");
+        CHECK_EQ_INT(u->nendpoints, 8);
+        CHECK(u->endpoints[7].dns_host && strcmp(u->endpoints[7].dns_host, "orders.internal") == 0);
+        CHECK_EQ_INT(u->resil->retry.non_idempotent, 1);
+        CHECK_EQ_INT(u->resil->retry.max_replay_body_bytes, 16384);
+        CHECK_EQ_INT(u->resil->retry.on, RETRY_ON_CONNECT | RETRY_ON_RESET | RETRY_ON_TIMEOUT);
+        CHECK_EQ_INT(config_find_upstream(c, "users")->resil->retry.budget_percent, 20);
+    }
+    config_unref(c);
+    /* Without the blocks: one try, no breaker, no checks, round robin. */
+    c = EXPECT_OK("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1', '127.0.0.1:2']}},"
+                  " 'routes': [" RESPOND_ROUTE "]}");
+    if (c) {
+        const struct resil_upstream *ru = c->upstreams[0].resil;
+        CHECK_EQ_INT(ru->retry.attempts, 1);
+        CHECK_EQ_INT(ru->breaker.enabled, 0);
+        CHECK_EQ_INT(ru->health.enabled, 0);
+        CHECK_EQ_INT(ru->balance, BAL_ROUND_ROBIN);
+        CHECK_EQ_INT(ru->nschedule, 2);
+    }
+    config_unref(c);
     c = load_example("conf/portico.json");
     if (c) {
         CHECK(strcmp(c->listeners[0].address, "127.0.0.1:8080") == 0);
