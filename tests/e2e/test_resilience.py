@@ -264,6 +264,18 @@ def test_health_checks_mark_down_and_up(portico, upstream):
     assert util.wait_until(lambda: admin_upstreams(admin)["svc"][a.addr]["health"] == "unhealthy", 3)
     got = names(p.port, 10)
     assert got == [(200, "b")] * 10
+    # A reload keeps the verdict: with checks now a minute apart (one
+    # failing check right after the reload is below the threshold of 2),
+    # only the shared state can keep a out.
+    cfg["upstreams"]["svc"]["health_check"]["interval_ms"] = 60000
+    p.config_path.write_text(json.dumps(cfg))
+    reload_and_wait(p, 0)
+    time.sleep(0.3)
+    assert admin_upstreams(admin)["svc"][a.addr]["health"] == "unhealthy"
+    assert names(p.port, 6) == [(200, "b")] * 6
+    cfg["upstreams"]["svc"]["health_check"]["interval_ms"] = 100
+    p.config_path.write_text(json.dumps(cfg))
+    reload_and_wait(p, 1)
     fail(a, 0)
     assert util.wait_until(lambda: admin_upstreams(admin)["svc"][a.addr]["health"] == "healthy", 3)
     assert "a" in {n for _, n in names(p.port, 10)}
