@@ -430,3 +430,39 @@ def test_dns_name_served_by_a_name_server_is_followed(portico, upstream, tmp_pat
         for proc in (bp, dns):
             proc.kill()
             proc.wait()
+
+
+def test_max_pending_answers_503_while_connections_hang(portico):
+    """An endpoint whose accept queue is full: connects stay pending (the
+    kernel drops the SYNs). With max_pending 1, a second request while the
+    first waits is answered 503 at once."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(0)
+    addr = ls.getsockname()
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(addr)
+        fillers.append(s)
+    time.sleep(0.2)
+    try:
+        cfg = make_config(upstreams={"svc": {"endpoints": ["127.0.0.1:%d" % addr[1]],
+                                             "connect_timeout_ms": 1500, "max_pending": 1}},
+                          routes=[{"path": "/", "upstream": "svc"}])
+        p = portico(cfg)
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("r", util.get(p.port, "/first")))
+        t.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        r = util.get(p.port, "/second")
+        assert r.status == 503 and r.header("retry-after") == "1"
+        assert time.monotonic() - t0 < 0.5
+        t.join()
+        assert out["r"].status == 502   # the first one's connect timed out
+    finally:
+        for s in fillers:
+            s.close()
+        ls.close()
