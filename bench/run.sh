@@ -12,8 +12,8 @@
 #                    the table shows the median of the rounds
 #   BENCH_CONNS      wrk connections (default 64)
 #   BENCH_PROXIES    subset/order of "portico nginx haproxy"
-#   BENCH_CASES      subset of "small 4k 64k close filters ratelimit jwt tls
-#                    tlsnew tlsidle" (default: small 4k 64k close).
+#   BENCH_CASES      subset of "small 4k 64k close filters ratelimit jwt
+#                    resilience tls tlsnew tlsidle" (default: small 4k 64k close).
 #                    "filters" measures Portico alone: the route without
 #                    filters vs the same route with request_id, headers
 #                    and cors, and prints the ratio (goal >= 0.95).
@@ -27,9 +27,14 @@
 #                    "tlsnew": a new TLS connection (full handshake) per
 #                    request; "tlsidle": the proxies' memory with
 #                    BENCH_IDLE_CONNS (5000) idle TLS connections open
+#                    "resilience": the plain route (one endpoint, no
+#                    retries) vs an upstream of three endpoints with
+#                    retries and circuit breakers (goal >= 0.97), then
+#                    the time from an endpoint's death (kill -9 under
+#                    load) to the end of client-visible errors
 #   BENCH_IDLE_CONNS idle TLS connections for tlsidle (default 5000)
 #   BENCH_PORT_BASE  first of the ports used (default 18800: origin 18800,
-#                    proxies 18801-18808, their TLS listeners 18811-18813)
+#                    proxies 18801-18810, their TLS listeners 18811-18813)
 #   BENCH_PROXY_CPU  core for the proxy under test (default 0)
 #   BENCH_LOAD_CPU   core for the origin and wrk (default 1)
 #   BENCH_OUT        if set, the raw results (TSV) are copied there
@@ -73,6 +78,7 @@ RATELIMIT=0
 JWT=0
 TLS=0
 IDLE=0
+RESIL=0
 CMP_CASES=() # the cases that compare the proxies with wrk (not "filters", "tlsidle", ...)
 for c in "${CASES[@]}"; do
     case $c in
@@ -88,6 +94,7 @@ for c in "${CASES[@]}"; do
         filters) FILTERS=1 ;;
         ratelimit) RATELIMIT=1 ;;
         jwt) JWT=1 ;;
+        resilience) RESIL=1 ;;
         *) die "unknown case '$c' in BENCH_CASES" ;;
     esac
 done
@@ -112,12 +119,16 @@ if ((JWT)); then
     PORT[portico_jwt]=$((B + 8))
     for r in "${JWT_RUNNERS[@]}"; do RUNNER_PROC[$r]=portico_jwt; done
 fi
-if [[ " ${PROXIES[*]} " == *" portico "* ]] || ((FILTERS)) || ((RATELIMIT)) || ((JWT)); then
+if ((RESIL)); then
+    PORT[portico_resil]=$((B + 9))
+    PORT_DYING=$((B + 10)) # the endpoint the death measurement kills
+fi
+if [[ " ${PROXIES[*]} " == *" portico "* ]] || ((FILTERS)) || ((RATELIMIT)) || ((JWT)) || ((RESIL)); then
     [[ -x $PORTICO_BIN ]] || die "no Portico binary at $PORTICO_BIN: build it (tests/run-all.sh or \
 cd build && ../configure && make) or set PORTICO_BIN"
 fi
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for port in "$PORT_ORIGIN" "${PORT[@]}" "${TLSPORT[@]}" ${PORT_REDIS:-}; do
+for port in "$PORT_ORIGIN" "${PORT[@]}" "${TLSPORT[@]}" ${PORT_REDIS:-} ${PORT_DYING:-}; do
     ! port_busy "$port" || die "port $port is already in use; stop whatever listens there"
 done
 ncpu=$(nproc)
@@ -170,7 +181,8 @@ render() {
         tls_listener=", { \"address\": \"127.0.0.1:$5\", \"tls\": { \"certificates\": [ { \"cert\": \"$TMP/tls/cert.pem\", \"key\": \"$TMP/tls/key.pem\" } ] } }"
     fi
     sed -e "s|@DIR@|$3|g" -e "s|@PORT@|$4|g" -e "s|@UPSTREAM@|$ORIGIN|g" \
-        -e "s|@USER@|$user|g" -e "s|@REDIS@|${PORT_REDIS:-0}|g" -e "s|@TLSPORT@|${5:-}|g" -e "s|@TLSDIR@|$TMP/tls|g" \
+        -e "s|@USER@|$user|g" -e "s|@REDIS@|${PORT_REDIS:-0}|g" \
+        -e "s|@ORIGIN_PORT@|$PORT_ORIGIN|g" -e "s|@DYING_PORT@|${PORT_DYING:-0}|g" -e "s|@TLSPORT@|${5:-}|g" -e "s|@TLSDIR@|$TMP/tls|g" \
         -e "s|@TLS_LISTENER@|$tls_listener|g" "${tls_on[@]}" "$ROOT/bench/conf/$1" >"$2"
 }
 
@@ -248,6 +260,14 @@ start_proxy() {
             render portico-jwt.json "$dir/portico.json" "$dir" "${PORT[$p]}"
             "$PORTICO_BIN" -t -c "$dir/portico.json" >"$dir/check.log" 2>&1 ||
                 die "portico rejects $dir/portico.json (is jwt_auth built in?): $(cat "$dir/check.log")"
+            start "$p" "$PROXY_CPU" "$dir/portico.log" "$PORTICO_BIN" -c "$dir/portico.json"
+            wait_up "$p" "${PORT[$p]}" "$dir/portico.log"
+            ;;
+        portico_resil)
+            mkdir -p "$dir"
+            render portico-resil.json "$dir/portico.json" "$dir" "${PORT[$p]}"
+            "$PORTICO_BIN" -t -c "$dir/portico.json" >"$dir/check.log" 2>&1 ||
+                die "portico rejects $dir/portico.json: $(cat "$dir/check.log")"
             start "$p" "$PROXY_CPU" "$dir/portico.log" "$PORTICO_BIN" -c "$dir/portico.json"
             wait_up "$p" "${PORT[$p]}" "$dir/portico.log"
             ;;
@@ -336,7 +356,7 @@ verify_jwt() {
 # ---------------------------------------------------------------- correctness
 
 path_of() {
-    case $1 in small | close | filters | ratelimit | tls*) echo /small ;; 4k) echo /4k.bin ;; 64k) echo /64k.bin ;; esac
+    case $1 in small | close | filters | ratelimit | resilience | tls*) echo /small ;; 4k) echo /4k.bin ;; 64k) echo /64k.bin ;; esac
 }
 expected_of() {
     case $1 in
@@ -565,6 +585,10 @@ if ((RATELIMIT)); then
     wait_up redis "$PORT_REDIS" "$TMP/redis/redis.log"
 fi
 ((!JWT)) || STARTED+=(portico_jwt)
+if ((RESIL)); then
+    [[ " ${STARTED[*]} " == *" portico "* ]] || STARTED+=(portico)
+    STARTED+=(portico_resil)
+fi
 for p in "${STARTED[@]}"; do
     start_proxy "$p"
     verify "$p" "${PORT[$p]}"
@@ -574,12 +598,13 @@ for p in "${STARTED[@]}"; do
     log "$p answers correctly on port ${PORT[$p]}"
 done
 
-total=$(( (${#CMP_CASES[@]} * ${#PROXIES[@]} + 2 * FILTERS + 3 * RATELIMIT + ${#JWT_RUNNERS[@]} * JWT) * BENCH_ROUNDS * (BENCH_SECONDS + BENCH_WARMUP) + IDLE * 15 * ${#PROXIES[@]} ))
+total=$(( (${#CMP_CASES[@]} * ${#PROXIES[@]} + 2 * FILTERS + 3 * RATELIMIT + ${#JWT_RUNNERS[@]} * JWT + 2 * RESIL) * BENCH_ROUNDS * (BENCH_SECONDS + BENCH_WARMUP) + IDLE * 15 * ${#PROXIES[@]} ))
 what="${CMP_CASES[*]} x ${PROXIES[*]}"
 ((${#CMP_CASES[@]})) || what=""
 ((!FILTERS)) || what="${what:+$what, }filters x portico portico_filters"
 ((!RATELIMIT)) || what="${what:+$what, }ratelimit x portico portico_rl_local portico_rl_redis"
 ((!JWT)) || what="${what:+$what, }jwt x ${JWT_RUNNERS[*]}"
+((!RESIL)) || what="${what:+$what, }resilience x portico portico_resil"
 log "measuring: $what x $BENCH_ROUNDS round(s), about ${total}s"
 for c in "${CASES[@]}"; do
     if [[ $c == tlsidle ]]; then
@@ -594,6 +619,8 @@ for c in "${CASES[@]}"; do
         runners=(portico portico_rl_local portico_rl_redis)
     elif [[ $c == jwt ]]; then
         runners=("${JWT_RUNNERS[@]}")
+    elif [[ $c == resilience ]]; then
+        runners=(portico portico_resil)
     else
         runners=("${PROXIES[@]}")
     fi
@@ -616,6 +643,47 @@ if ((RATELIMIT)); then
     printf 'over\t%s\t%s\n' "$over_reqs" "$((after - before))" >>"$TMP/redis-calls.tsv"
 fi
 
+if ((RESIL)); then
+    # An endpoint dies (kill -9) under a steady keep-alive load on the
+    # "dying" upstream: count the client-visible errors and the time from
+    # the kill to the last one.
+    start dying "$LOAD_CPU" "$TMP/dying.log" "$PY" -S "$ROOT/tests/e2e/servers/echo.py" --port "$PORT_DYING"
+    wait_up dying "$PORT_DYING" "$TMP/dying.log"
+    "$PY" - "${PORT[portico_resil]}" "${PID[dying]}" >"$TMP/death.txt" <<'PYEOF' || die "death measurement failed: $(cat "$TMP/death.txt")"
+import http.client, os, signal, sys, threading, time
+port, victim = int(sys.argv[1]), int(sys.argv[2])
+errors, t_kill, stop = [], [None], [False]
+def client():
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    while not stop[0]:
+        try:
+            c.request("GET", "/dying/small")
+            r = c.getresponse()
+            r.read()
+            if r.status != 200:
+                errors.append(time.monotonic())
+        except Exception:
+            errors.append(time.monotonic())
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+ts = [threading.Thread(target=client) for _ in range(8)]
+for t in ts:
+    t.start()
+time.sleep(1.5)
+t_kill[0] = time.monotonic()
+os.kill(victim, signal.SIGKILL)
+time.sleep(3.0)
+stop[0] = True
+for t in ts:
+    t.join()
+after = [e for e in errors if e >= t_kill[0]]
+print("%d %.0f" % (len(after), 1000 * (max(after) - t_kill[0]) if after else 0))
+PYEOF
+    read -r DEATH_ERRORS DEATH_MS <"$TMP/death.txt"
+    unset 'PID[dying]'
+    printf 'death	%s	%s
+' "$DEATH_ERRORS" "$DEATH_MS" >"$TMP/death.tsv"
+fi
+
 [[ -z ${BENCH_OUT:-} ]] || cp "$RESULTS" "$BENCH_OUT"
 [[ -z ${BENCH_OUT:-} ]] || ((!IDLE)) || cp "$IDLE_RESULTS" "$BENCH_OUT.idle"
 
@@ -625,7 +693,7 @@ if [[ " ${STARTED[*]} " == *" portico "* ]]; then
     versions="$("$PORTICO_BIN" --version 2>/dev/null | head -1 || echo portico), $versions"
 fi
 echo "$versions; wrk -t1 -c$BENCH_CONNS; ${BENCH_SECONDS}s x $BENCH_ROUNDS round(s); proxy on CPU $PROXY_CPU"
-"$PY" - "$RESULTS" "$TMP/redis-calls.tsv" "$IDLE_RESULTS" <<'EOF'
+"$PY" - "$RESULTS" "$TMP/redis-calls.tsv" "$IDLE_RESULTS" "$TMP/death.tsv" <<'EOF'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 med = {}
@@ -636,7 +704,7 @@ def m(rs, key):
 cases = list(dict.fromkeys(r["case"] for r in rows))
 proxies = list(dict.fromkeys(r["proxy"] for r in rows))
 FILTERED = "portico_filters"   # the "filters" case's twin; compared only with portico
-TWINS = (FILTERED, "portico_rl_local", "portico_rl_redis")
+TWINS = (FILTERED, "portico_rl_local", "portico_rl_redis", "portico_resil")
 pw = max([8] + [len(p) for p in proxies])
 cw = max([6] + [len(c) for c in cases])
 hdr = "%-*s %-*s %11s %9s %9s %5s %11s %7s" % (cw, "case", pw, "proxy", "req/s", "p50 us", "p99 us",
@@ -652,14 +720,14 @@ for c in cases:
             cw, c, pw, p, m(rs, "rps"), m(rs, "p50_us"), m(rs, "p99_us"), m(rs, "cpu_pct"),
             m(rs, "cpu_us_per_req"), sum(int(x["errors"]) for x in rs)))
 others = [p for p in proxies if p != "portico" and p not in TWINS and not p.startswith("jwt_")]
-if any(c not in ("filters", "ratelimit", "jwt") and (c, "portico") in med for c in cases) and others:
+if any(c not in ("filters", "ratelimit", "jwt", "resilience") and (c, "portico") in med for c in cases) and others:
     print()
     cols = []
     for o in others:
         cols += ["req/s vs %s" % o, "per-CPU vs %s" % o]
     print("%-6s " % "case" + " ".join("%18s" % h for h in cols))
     for c in cases:
-        if (c, "portico") not in med or c in ("filters", "ratelimit"):
+        if (c, "portico") not in med or c in ("filters", "ratelimit", "resilience"):
             continue
         pr, pc = m(med[(c, "portico")], "rps"), m(med[(c, "portico")], "cpu_us_per_req")
         vals = []
@@ -728,6 +796,18 @@ if idle:
     for r in idle:
         print("%-8s %7s %14s %14s %15s" % (r["proxy"], r["conns"], r["rss_before_kb"],
                                             r["rss_idle_kb"], r["bytes_per_conn"]))
+if ("resilience", "portico") in med and ("resilience", "portico_resil") in med:
+    plain, res = med[("resilience", "portico")], med[("resilience", "portico_resil")]
+    rr = m(res, "rps") / m(plain, "rps") if m(plain, "rps") else 0
+    cr = m(plain, "cpu_us_per_req") / m(res, "cpu_us_per_req") if m(res, "cpu_us_per_req") else 0
+    print()
+    print("resilience: 3 endpoints with retries and breakers vs 1 endpoint without")
+    print("  req/s %.2fx, per-CPU %.2fx (goal >= 0.97)%s" % (rr, cr, "" if rr >= 0.97 else "  BELOW GOAL"))
+    try:
+        d = open(sys.argv[4]).read().split()
+        print("  an endpoint killed under load: %s client-visible errors, the last %s ms after the kill" % (d[1], d[2]))
+    except (OSError, IndexError):
+        pass
 if any(int(r["errors"]) for r in rows):
     print("\nWARNING: some runs had errors (non-2xx or socket errors): see the log above.")
 EOF

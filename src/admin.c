@@ -1,9 +1,11 @@
 #define _GNU_SOURCE /* pipe2 */
 /* The admin listener (see admin.h). */
 #include "admin.h"
+#include "addr.h"
 #include "config.h"
 #include "log.h"
 #include "metrics.h"
+#include "resil.h"
 
 #include <errno.h>
 #include <event2/buffer.h>
@@ -11,6 +13,7 @@
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
 #include <fcntl.h>
+#include <time.h>
 #include <jansson.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -105,6 +108,9 @@ static int authorized(struct evhttp_request *req, const struct config *cfg)
 
 static json_t *upstreams_json(const struct config *cfg)
 {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t now = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
     json_t *out = json_object(), *ups = json_array();
     for (size_t u = 0; u < cfg->nupstreams; u++) {
         const struct config_upstream *up = &cfg->upstreams[u];
@@ -112,12 +118,28 @@ static json_t *upstreams_json(const struct config *cfg)
         for (size_t e = 0; e < up->nendpoints; e++) {
             const char *addr = up->endpoints[e].address;
             json_array_append_new(
-                eps, json_pack("{s:s, s:I, s:I}", "address", addr, "requests",
-                               (json_int_t)metrics_sum("portico_upstream_requests_total",
-                                                       "upstream", up->name, "endpoint", addr),
-                               "errors",
-                               (json_int_t)metrics_sum("portico_upstream_errors_total",
-                                                       "upstream", up->name, "endpoint", addr)));
+                eps,
+                json_pack("{s:s, s:I, s:I, s:s, s:s, s:i}", "address", addr, "requests",
+                          (json_int_t)metrics_sum("portico_upstream_requests_total", "upstream",
+                                                  up->name, "endpoint", addr),
+                          "errors",
+                          (json_int_t)metrics_sum("portico_upstream_errors_total", "upstream",
+                                                  up->name, "endpoint", addr),
+                          "health", resil_ep_healthy(up, e) ? "healthy" : "unhealthy", "circuit",
+                          resil_ep_circuit(up, e, now), "active", resil_ep_active(up, e)));
+            if (up->endpoints[e].dns_host) {
+                /* A host name slot: its current address, or null when empty. */
+                struct sockaddr_storage ss;
+                socklen_t sl;
+                char shown[64];
+                json_t *ep = json_array_get(eps, json_array_size(eps) - 1);
+                if (resil_endpoint_addr(up, e, &ss, &sl, NULL) == 0) {
+                    addr_format((struct sockaddr *)&ss, shown, sizeof(shown));
+                    json_object_set_new(ep, "resolved", json_string(shown));
+                } else {
+                    json_object_set_new(ep, "resolved", json_null());
+                }
+            }
         }
         json_array_append_new(ups, json_pack("{s:s, s:o}", "name", up->name, "endpoints", eps));
     }

@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "resil.h"
 #include "router.h"
 #include "tls.h"
 #include "uri.h"
@@ -956,14 +957,15 @@ static void parse_endpoints(struct load *ld, json_t *obj, struct config_upstream
         json_t *v = json_array_get(arr, i);
         struct config_endpoint *e = &u->endpoints[u->nendpoints];
         push_index(ld, i);
-        if (!json_is_string(v)) {
+        v = config_endpoint_address(ld, v);
+        if (!v) {
+        } else if (!json_is_string(v)) {
             err(ld, "expected a string like \"127.0.0.1:8000\", got %s", type_name(v));
         } else if (addr_parse(json_string_value(v), &e->addr, &e->addrlen, why, sizeof(why)) < 0) {
-            if (strstr(why, "host names"))
-                err(ld, "%s: host names are not supported yet; only IP literals like "
-                        "\"10.0.0.5:8000\" or \"[fd00::5]:8000\" are supported for now",
-                    show(ld, v, shown, sizeof(shown)));
-            else
+            if (strstr(why, "host names")) {
+                if (config_endpoint_name(ld, v, e) == 0)
+                    u->nendpoints++;
+            } else
                 err(ld, "%s: %s", show(ld, v, shown, sizeof(shown)), why);
         } else if (json_string_value(v)[0] == '*') {
             err(ld, "\"*\" (any address) cannot be an endpoint; name the upstream's IP");
@@ -1028,10 +1030,11 @@ static void parse_upstream(struct load *ld, json_t *obj, struct config_upstream 
     static const char *const known[] = {
         "endpoints",          "balance",   "connect_timeout_ms",
         "timeout_ms",         "keepalive", "keepalive_timeout_ms",
-        "keepalive_requests", "tls",       NULL,
+        "keepalive_requests", "tls",       "retry",
+        "circuit_breaker",    "health_check", "hash_on",
+        "max_requests",       "max_pending",  "dns",       NULL,
     };
-    static const char *const later[] = { "retry", "circuit_breaker", "health_check", NULL };
-    char shown[SHOW_BUF];
+    static const char *const later[] = { NULL };
 
     if (!json_is_object(obj)) {
         err(ld, "expected an object like {\"endpoints\": [\"127.0.0.1:8000\"]}, got %s", type_name(obj));
@@ -1039,10 +1042,6 @@ static void parse_upstream(struct load *ld, json_t *obj, struct config_upstream 
     }
     check_keys(ld, obj, known, later);
     parse_endpoints(ld, obj, u);
-    json_t *b = get_string(ld, obj, "balance");
-    if (b && strcmp(json_string_value(b), "round_robin") != 0)
-        err_key(ld, "balance", "%s is not supported by this build yet (only \"round_robin\")",
-                show(ld, b, shown, sizeof(shown)));
     get_timeout(ld, obj, "connect_timeout_ms", 1000, &u->connect_timeout_ms);
     get_timeout(ld, obj, "timeout_ms", 60000, &u->timeout_ms);
     get_int_field(ld, obj, "keepalive", 0, 10000, 64, &u->keepalive);
@@ -1054,6 +1053,7 @@ static void parse_upstream(struct load *ld, json_t *obj, struct config_upstream 
         parse_upstream_tls(ld, tls, u);
         pop(ld);
     }
+    config_parse_resilience(ld, obj, u);
 }
 
 static void parse_upstreams(struct load *ld, json_t *root)
@@ -1428,8 +1428,11 @@ static void parse_route_name(struct load *ld, json_t *obj, struct config_route *
 static struct config_route *parse_route(struct load *ld, json_t *obj, size_t i)
 {
     static const char *const known[] = {
-        "name", "host", "path", "exact", "methods", "upstream", "respond",
-        "strip_prefix", "prefix_rewrite", "filters", "log_sample", NULL,
+        "name",    "host",         "path",
+        "exact",   "methods",      "upstream",
+        "respond", "strip_prefix", "prefix_rewrite",
+        "filters", "log_sample",   "retry_non_idempotent",
+        NULL,
     };
     static const char *const later[] = { "websocket", NULL };
     struct config_route *r = xcalloc(1, sizeof(*r));
@@ -1445,6 +1448,9 @@ static struct config_route *parse_route(struct load *ld, json_t *obj, size_t i)
     parse_host(ld, obj, r);
     parse_path(ld, obj, r);
     get_bool(ld, obj, "exact", 0, &r->exact);
+    get_bool(ld, obj, "retry_non_idempotent", 0, &r->retry_non_idempotent);
+    if (r->retry_non_idempotent && !json_object_get(obj, "upstream"))
+        err_key(ld, "retry_non_idempotent", "only for routes with \"upstream\"");
     parse_methods(ld, obj, r);
     parse_target(ld, obj, r);
     parse_filters(ld, obj, &r->filters, &r->nfilters);
@@ -1764,11 +1770,14 @@ static void config_free(struct config *c)
         free(c->module_globals);
     }
     for (size_t i = 0; i < c->nupstreams; i++) {
-        for (size_t k = 0; k < c->upstreams[i].nendpoints; k++)
+        for (size_t k = 0; k < c->upstreams[i].nendpoints; k++) {
             free(c->upstreams[i].endpoints[k].address);
+            free(c->upstreams[i].endpoints[k].dns_host);
+        }
         free(c->upstreams[i].endpoints);
         free(c->upstreams[i].name);
         tls_client_free(c->upstreams[i].tls);
+        resil_upstream_free(c->upstreams[i].resil);
     }
     free(c->upstreams);
     for (size_t i = 0; i < c->nlisteners; i++) {
@@ -1959,4 +1968,29 @@ struct config *config_load(const char *file, struct config_errors *errs)
         c = config_load_string(b.p, file, errs);
     free(b.p);
     return c;
+}
+
+/* config_internal.h: problem recording for the other config*.c files. */
+void config_err(struct load *ld, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    verr(ld, fmt, ap);
+    va_end(ap);
+}
+void config_push_key(struct load *ld, const char *key)
+{
+    push_key(ld, key);
+}
+void config_push_index(struct load *ld, size_t i)
+{
+    push_index(ld, i);
+}
+void config_pop(struct load *ld)
+{
+    pop(ld);
+}
+const char *config_show(const struct load *ld, const json_t *v, char *buf, size_t cap)
+{
+    return show(ld, v, buf, cap);
 }

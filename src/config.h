@@ -24,6 +24,7 @@
 struct router;
 struct tls_server;
 struct tls_client;
+struct resil_upstream;
 
 struct config_listener {
     char *address;                 /* as written */
@@ -66,6 +67,11 @@ struct config_endpoint {
     char *address;
     struct sockaddr_storage addr;
     socklen_t addrlen;
+    /* A host name endpoint is one of "dns.max_addresses" slots whose
+     * address the DNS thread fills in (resil.h); addr is then unused. */
+    char *dns_host;                /* NULL for an IP literal */
+    int dns_port;
+    int dns_slot;
 };
 
 struct config_upstream {
@@ -79,6 +85,7 @@ struct config_upstream {
     int keepalive_timeout_ms;      /* idle pooled connection lifetime; default 30000 */
     int keepalive_requests;        /* requests per upstream connection; default 10000 */
     struct tls_client *tls;        /* NULL: plain HTTP to the endpoints */
+    struct resil_upstream *resil;  /* balancer, retries, breaker, health (resil.h) */
 };
 
 /* HTTP methods a route allows, as a bit mask over enum http_method. */
@@ -106,6 +113,7 @@ struct config_route {
     struct filter_conf *filters;   /* the route's own filters, in order */
     size_t nfilters;
     double log_sample;             /* "log_sample"; -1 = access_log.sample */
+    int retry_non_idempotent;      /* retries may resend POST etc. (resil.h) */
 };
 
 #define ACCESSLOG_TEXT_DEFAULT                                                                    \

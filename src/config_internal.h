@@ -122,4 +122,31 @@ int config_subst_string(json_t *v, const char *dir, char **template, char *why, 
  * file's directory. Returns a malloc'd string owned by the caller. */
 char *config_resolve_path(const char *dir, const char *p);
 
+/* ------------------------------------------------------------------ */
+/* config.c's problem recording, for the other config*.c files.         */
+
+struct load;
+struct config_upstream;
+/* Record a problem at the current JSON path (config.c's err). */
+void config_err(struct load *ld, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void config_push_key(struct load *ld, const char *key);
+void config_push_index(struct load *ld, size_t i);
+void config_pop(struct load *ld);
+/* v quoted for a message (config.c's show): a substituted value, which
+ * may be a secret, is shown as the template written in the file. */
+#define CONFIG_SHOW_BUF (SHOW_MAX * 6 + 64)
+const char *config_show(const struct load *ld, const json_t *v, char *buf, size_t cap);
+
+/* config_resil.c: an endpoint entry, "host:port" or {"address": ..,
+ * "weight": n}: returns the address string value or NULL (recorded). */
+json_t *config_endpoint_address(struct load *ld, json_t *v);
+/* The resilience keys of upstream obj (balance, hash_on, retry,
+ * circuit_breaker, health_check, max_requests, max_pending, endpoint
+ * weights) into u->resil, then the shared state. Endpoints parsed first. */
+void config_parse_resilience(struct load *ld, json_t *obj, struct config_upstream *u);
+/* A "name:port" endpoint (v a string addr_parse called a host name):
+ * fills e for the DNS thread; 0, or -1 with the problem recorded. */
+struct config_endpoint;
+int config_endpoint_name(struct load *ld, json_t *v, struct config_endpoint *e);
+
 #endif

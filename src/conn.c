@@ -164,6 +164,7 @@ static void conn_free(struct conn *c)
         upconn_close(c->up);
         c->up = NULL;
     }
+    resil_req_end(&c->req.resil);
     event_del(&c->ev);
     event_del(&c->timer);
     event_del(&c->resume_ev);
@@ -373,6 +374,7 @@ void conn_schedule(struct conn *c)
 static void request_reset(struct conn *c)
 {
     struct request *r = &c->req;
+    resil_req_end(&r->resil);
     arena_reset(&c->arena);
     memset(r, 0, sizeof(*r));
     r->arena = &c->arena;
@@ -968,14 +970,71 @@ static int method_idempotent(enum http_method m)
 
 static void upstream_warn(struct conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+static double conn_random(void *w)
+{
+    return worker_random(w);
+}
+
+/* The client address only when the balancer hashes on it (finding it may
+ * parse X-Forwarded-For). */
+static const char *pick_client_ip(struct request *r)
+{
+    const struct resil_upstream *ru = r->route->upstream->resil;
+    return ru->balance == BAL_HASH && ru->hash_on == HASH_CLIENT_ADDRESS ? request_client_ip(r)
+                                                                         : NULL;
+}
+
+/* Every endpoint ejected or unhealthy, or the upstream over its limits:
+ * answer at once without touching it. */
+static void upstream_refuse(struct conn *c, const char *kind)
+{
+    struct request *r = &c->req;
+    const char *name = r->route->upstream->name;
+    metrics_add(&c->w->metrics, "portico_upstream_refused_total", 1, "upstream", name, "kind", kind,
+                NULL, NULL);
+    upstream_warn(c, "upstream %s: %s: answering 503", name, kind);
+    r->up_end_us = now_us();
+    if (r->rb != RB_DONE && r->rb != RB_NONE)
+        r->keepalive = 0;
+    if (!r->keepalive)
+        buf_consume(&c->in, buf_len(&c->in));
+    respond_error(c, 503, "Retry-After: 1\r\n");
+}
+
+/* Connect (or take a pooled connection) for the try on endpoint idx.
+ * Returns 0, or -1 when the upstream was refused (answered already). */
+static int proxy_try_begin(struct conn *c, int idx)
+{
+    struct request *r = &c->req;
+    const struct config_upstream *up = r->route->upstream;
+    struct pool *p = &c->ps->pools[up->index][idx];
+    uint64_t now = worker_now_ms(c->w);
+    r->ep = p->ep;
+    const struct config_limits *l = limits(c);
+    c->up = upconn_get(p, c, in_cap(l) * 2, out_cap(l));
+    if (!c->up)
+        return 0;
+    if (c->up->state == UP_CONNECTING) {
+        r->up_connect_deadline_ms = now + (uint64_t)up->connect_timeout_ms;
+        if (resil_pending(&r->resil, 1) < 0) {
+            upconn_close(c->up);
+            c->up = NULL;
+            upstream_refuse(c, "max_pending");
+            return -1;
+        }
+    }
+    c->up->requests++;
+    if (up->resil->retry.per_try_timeout_ms)
+        r->resil.try_deadline_ms = now + (uint64_t)up->resil->retry.per_try_timeout_ms;
+    r->up_activity_ms = now;
+    return 0;
+}
+
 static void start_proxy(struct conn *c)
 {
     struct request *r = &c->req;
     const struct config_upstream *up = r->route->upstream;
     struct worker *w = c->w;
-    size_t idx = c->ps->rr[up->index]++ % up->nendpoints;
-    struct pool *p = &c->ps->pools[up->index][idx];
-    r->ep = p->ep;
     c->state = CS_REQUEST;
     r->rs = RS_WAIT_HEAD;
     r->up_start_us = now_us();
@@ -983,31 +1042,140 @@ static void start_proxy(struct conn *c)
     r->up_activity_ms = r->rb_start_ms;
     http_chunked_init(&r->rb_chunk);
     http_chunked_init(&r->rs_chunk);
-    const struct config_limits *l = limits(c);
-    c->up = upconn_get(p, c, in_cap(l) * 2, out_cap(l));
+    if (resil_admit(&r->resil, up->resil, r->rb_start_ms) < 0) {
+        upstream_refuse(c, "max_requests");
+        return;
+    }
+    int idx = resil_pick(&r->resil, up, &c->ps->rr[up->index], &r->head, pick_client_ip(r),
+                         conn_random, w, r->rb_start_ms);
+    if (idx < 0) {
+        upstream_refuse(c, "no endpoint available");
+        return;
+    }
+    if (proxy_try_begin(c, idx) < 0)
+        return;
     if (!c->up) {
-        upstream_warn(c, "upstream %s (%s): cannot connect: %s", up->name, p->ep->address,
+        upstream_warn(c, "upstream %s (%s): cannot connect: %s", up->name, r->ep->address,
                       strerror(errno));
         upstream_gone(c, 502, "connect");
         return;
     }
-    if (c->up->state == UP_CONNECTING)
-        r->up_connect_deadline_ms = r->rb_start_ms + (uint64_t)up->connect_timeout_ms;
-    c->up->requests++;
     size_t before = buf_len(&c->up->out);
     proxy_build_request(c, &c->up->out);
-    /* Keep a copy for one retry on a fresh connection if this pooled one
-     * turns out to be dead: only for requests without a body. */
-    if (c->up->reused && r->rb == RB_NONE && method_idempotent(r->head.method)) {
+    const struct resil_retry *rt = &up->resil->retry;
+    int idem = method_idempotent(r->head.method);
+    int may_retry =
+        rt->attempts > 1 && (idem || rt->non_idempotent || r->route->retry_non_idempotent);
+    /* A small body already read in full is sent from a copy, so that a
+     * retry can send it again; bigger or chunked bodies stream and are
+     * not replayable. */
+    size_t body_kept = 0;
+    if (may_retry && r->rb == RB_LENGTH && !r->body_hooks &&
+        r->rb_left <= (uint64_t)rt->max_replay_body_bytes &&
+        buf_len(&c->in) - r->head_len >= r->rb_left) {
+        body_kept = (size_t)r->rb_left;
+        buf_append(&c->up->out, buf_head(&c->in) + r->head_len, body_kept);
+        r->rb_total = r->rb_left;
+        r->rb_left = 0;
+        r->rb = RB_FLUSH;
+        r->resil.body_kept = 1;
+    }
+    /* Keep a copy for a retry, or for one replay on a fresh connection if
+     * this pooled one turns out to be dead (requests without a body). */
+    if ((may_retry && (r->rb == RB_NONE || body_kept)) ||
+        (c->up->reused && r->rb == RB_NONE && idem)) {
         r->up_head_len = buf_len(&c->up->out) - before;
         r->up_head = arena_alloc(&c->arena, r->up_head_len);
         memcpy(r->up_head, buf_head(&c->up->out) + before, r->up_head_len);
     }
-    buf_consume(&c->in, r->head_len);
+    buf_consume(&c->in, r->head_len + body_kept);
     r->head_consumed = 1;
     if (r->head.expect_continue && r->has_body && buf_len(&c->in) == 0 && r->head.minor == 1) {
         static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
         buf_append(&c->out, cont, sizeof(cont) - 1);
+    }
+}
+
+/* The next try of a retry, after its backoff. */
+static void retry_now(struct conn *c)
+{
+    struct request *r = &c->req;
+    const struct config_upstream *up = r->route->upstream;
+    uint64_t now = worker_now_ms(c->w);
+    r->resil.retry_at_ms = 0;
+    int idx = resil_pick(&r->resil, up, &c->ps->rr[up->index], &r->head, pick_client_ip(r),
+                         conn_random, c->w, now);
+    if (idx < 0) {
+        upstream_refuse(c, "no endpoint available");
+        return;
+    }
+    if (proxy_try_begin(c, idx) < 0)
+        return;
+    if (!c->up) {
+        upstream_gone(c, 502, "connect");
+        return;
+    }
+    buf_append(&c->up->out, r->up_head, r->up_head_len);
+    if (r->resil.body_kept)
+        r->rb = RB_FLUSH;
+    log_debug("retry %d of a request to upstream %s on %s", r->resil.attempts - 1, up->name,
+              r->ep->address);
+}
+
+/* A try failed before any response byte reached the client: retry it
+ * when the policy, the method, the body and the budget allow. Returns 1
+ * when a retry is under way (now or after its backoff). */
+static int retry_schedule(struct conn *c, unsigned kind, int status)
+{
+    struct request *r = &c->req;
+    const char *name = r->route->upstream->name;
+    uint64_t now = worker_now_ms(c->w);
+    int exhausted = 0;
+    int replayable = r->up_head && (r->rb == RB_NONE || r->resil.body_kept);
+    if (r->resp_started || r->rs != RS_WAIT_HEAD ||
+        !resil_may_retry(&r->resil, kind, status,
+                         method_idempotent(r->head.method) || r->route->retry_non_idempotent,
+                         replayable, now, &exhausted)) {
+        if (exhausted)
+            metrics_add(&c->w->metrics, "portico_upstream_retry_budget_exhausted_total", 1,
+                        "upstream", name, NULL, NULL, NULL, NULL);
+        return 0;
+    }
+    metrics_add(&c->w->metrics, "portico_upstream_retries_total", 1, "upstream", name, NULL, NULL,
+                NULL, NULL);
+    if (c->up) {
+        upconn_close(c->up);
+        c->up = NULL;
+    }
+    resil_try_end(&r->resil);
+    if (r->resil.body_kept)
+        r->rb = RB_DONE; /* all read from the client; sent again from the copy */
+    r->up_eof = 0;
+    r->up_write_failed = 0;
+    r->up_connect_deadline_ms = 0;
+    struct http_header *keep = r->resp.headers;
+    memset(&r->resp, 0, sizeof(r->resp));
+    r->resp.headers = keep;
+    r->resp.max_headers_cap = limits(c)->max_headers;
+    r->resp_scanned = 0;
+    uint64_t wait = resil_backoff_ms(&r->resil, worker_random(c->w));
+    if (!wait) {
+        retry_now(c);
+        return 1;
+    }
+    r->resil.retry_at_ms = now + wait;
+    return 1;
+}
+
+/* Tell the breaker how the current try went. */
+static void try_verdict(struct conn *c, int ok)
+{
+    struct request *r = &c->req;
+    if (resil_verdict(&r->resil, ok, worker_now_ms(c->w))) {
+        metrics_add(&c->w->metrics, "portico_upstream_ejections_total", 1, "upstream",
+                    r->route->upstream->name, "endpoint", r->ep ? r->ep->address : "", NULL, NULL);
+        log_warn("upstream %s (%s): circuit breaker open", r->route->upstream->name,
+                 r->ep ? r->ep->address : "-");
     }
 }
 
@@ -1074,6 +1242,15 @@ static void upstream_gone(struct conn *c, int status, const char *why)
                                                                 : "protocol";
     metrics_add(&c->w->metrics, "portico_upstream_errors_total", 1, "upstream",
                 r->route->upstream->name, "endpoint", r->ep ? r->ep->address : "", "kind", kind);
+    try_verdict(c, 0);
+    unsigned rkind = status == 504                     ? RETRY_ON_TIMEOUT
+                     : strncmp(why, "connect", 7) == 0 ? RETRY_ON_CONNECT
+                     : strcmp(why, "connection reset") == 0 ||
+                             strcmp(why, "upstream closed without answering") == 0
+                         ? RETRY_ON_RESET
+                         : 0;
+    if (rkind && (!c->up || buf_len(&c->up->in) == 0) && retry_schedule(c, rkind, 0))
+        return;
     if (!r->resp_started && c->up) {
         upconn_close(c->up);
         c->up = NULL;
@@ -1167,6 +1344,7 @@ static int upstream_connect_check(struct conn *c)
     }
     u->state = UP_ACTIVE;
     c->req.up_connect_deadline_ms = 0;
+    resil_pending(&c->req.resil, 0);
     return 1;
 }
 
@@ -1498,6 +1676,16 @@ static int response_head(struct conn *c)
         r->resp_scanned = 0;
         return 1;
     }
+    {
+        const struct resil_upstream *ru = r->route->upstream->resil;
+        int st = r->resp.status;
+        try_verdict(c, !resil_status_in(ru->failure_status, st));
+        /* A 503 or 429 that asks for time (Retry-After > 0) goes to the
+         * client rather than being retried sooner than it asked. */
+        int ra = st == 503 || st == 429 ? resil_retry_after(&r->resp) : -1;
+        if (resil_status_in(ru->retry.on_status, st) && ra <= 0 && retry_schedule(c, 0, st))
+            return 1;
+    }
     if (r->chain_ok) {
         r->status = r->resp.status;
         filter_run_response(c);
@@ -1664,6 +1852,8 @@ static int request_step(struct conn *c)
             client_gone(c);
             return 1;
         }
+        if (!c->up && r->resil.retry_at_ms)
+            return 0; /* a retry waits for its backoff */
         progress |= upstream_connect_check(c);
         if (r->rs == RS_LOCAL || !c->up)
             return 1;
@@ -1776,6 +1966,8 @@ static uint64_t body_deadline(const struct conn *c)
 static uint64_t upstream_deadline(const struct conn *c)
 {
     const struct request *r = &c->req;
+    if (!c->up && r->resil.retry_at_ms && r->rs == RS_WAIT_HEAD)
+        return r->resil.retry_at_ms;
     if (!c->up || r->rs == RS_LOCAL || r->rs == RS_DONE || r->rs == RS_ABORT)
         return 0;
     if (c->up->state == UP_CONNECTING)
@@ -1789,7 +1981,8 @@ static uint64_t upstream_deadline(const struct conn *c)
     }
     if (r->rs != RS_WAIT_HEAD && buf_len(&c->up->in) >= c->up->in.cap)
         return 0; /* we are not reading: the client is slow, not the upstream */
-    return r->up_activity_ms + (uint64_t)r->route->upstream->timeout_ms;
+    uint64_t d = r->up_activity_ms + (uint64_t)r->route->upstream->timeout_ms;
+    return r->rs == RS_WAIT_HEAD ? min_nz(d, r->resil.try_deadline_ms) : d;
 }
 
 static uint64_t conn_deadline(const struct conn *c)
@@ -1873,6 +2066,10 @@ static int conn_timeouts(struct conn *c, uint64_t now)
             return 1;
         }
         uint64_t ud = upstream_deadline(c);
+        if (ud && now >= ud && !c->up && r->resil.retry_at_ms) {
+            retry_now(c);
+            return 1;
+        }
         if (ud && now >= ud) {
             int connecting = c->up && c->up->state == UP_CONNECTING;
             upstream_gone(c, connecting ? 502 : 504, connecting ? "connect timeout" : "timeout");

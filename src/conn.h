@@ -34,6 +34,7 @@
 #include "buf.h"
 #include "config.h"
 #include "http1.h"
+#include "resil.h"
 #include "router.h"
 #include "tls.h"
 
@@ -147,6 +148,7 @@ struct request {
     struct conn *conn;
     uint64_t up_activity_ms;       /* last upstream progress, for timeout_ms */
     uint64_t up_connect_deadline_ms;
+    struct resil_req resil;        /* tries, breaker and budget bookkeeping (resil.h) */
 };
 
 struct conn {

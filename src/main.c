@@ -6,6 +6,7 @@
 #include "metrics.h"
 #include "upgrade.h"
 #include "log.h"
+#include "resil.h"
 #include "modules.h"
 #include "version.h"
 #include "worker.h"
@@ -278,6 +279,7 @@ static int reload_config(const char *file, struct config **cur, struct worker **
     *cur = nc;
     ctl.cfg = nc;
     pthread_mutex_unlock(&ctl.lock);
+    health_apply(nc); /* checks and lookups follow the snapshot that serves */
     int lvl = log_level_parse(nc->log_level ? nc->log_level : "info");
     log_min_level = lvl < 0 ? LOG_INFO : lvl;
     for (int i = 0; i < nw; i++)
@@ -416,6 +418,7 @@ int main(int argc, char **argv)
         config_unref(cfg);
         return 1;
     }
+    health_apply(cfg);
 
     int nw = cfg->workers;
     struct worker **workers = xcalloc((size_t)nw, sizeof(*workers));
@@ -530,6 +533,7 @@ int main(int argc, char **argv)
         worker_free(workers[i]);
     }
     free(workers);
+    health_stop();
     config_unref(cfg);
     log_info("stopped");
     return 0;

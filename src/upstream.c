@@ -1,5 +1,6 @@
 #include "upstream.h"
 #include "log.h"
+#include "resil.h"
 #include "worker.h"
 
 #include <errno.h>
@@ -55,10 +56,17 @@ static void on_upconn_event(evutil_socket_t fd, short what, void *arg)
 struct upconn *upconn_get(struct pool *p, struct conn *owner, size_t in_cap, size_t out_cap)
 {
     uint64_t now = worker_now_ms(p->w);
+    struct sockaddr_storage ss;
+    socklen_t sslen;
+    uint32_t gen;
+    if (resil_endpoint_addr(p->up, (size_t)(p->ep - p->up->endpoints), &ss, &sslen, &gen) < 0) {
+        errno = EADDRNOTAVAIL; /* a host name slot the DNS thread emptied */
+        return NULL;
+    }
     while (p->idle) {
         struct upconn *u = p->idle;
         pool_unlink(p, u);
-        if (now - u->idle_since_ms >= (uint64_t)p->up->keepalive_timeout_ms) {
+        if (now - u->idle_since_ms >= (uint64_t)p->up->keepalive_timeout_ms || u->addr_gen != gen) {
             upconn_close(u);
             continue;
         }
@@ -70,12 +78,12 @@ struct upconn *upconn_get(struct pool *p, struct conn *owner, size_t in_cap, siz
         return u;
     }
 
-    int fd = socket(p->ep->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return NULL;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    int rc = connect(fd, (const struct sockaddr *)&p->ep->addr, p->ep->addrlen);
+    int rc = connect(fd, (const struct sockaddr *)&ss, sslen);
     if (rc < 0 && errno != EINPROGRESS) {
         int e = errno;
         close(fd);
@@ -87,6 +95,7 @@ struct upconn *upconn_get(struct pool *p, struct conn *owner, size_t in_cap, siz
     u->state = UP_CONNECTING;
     u->pool = p;
     u->owner = owner;
+    u->addr_gen = gen;
     buf_init(&u->in, in_cap);
     buf_init(&u->out, out_cap);
     event_assign(&u->ev, worker_base(p->w), fd, EV_READ | EV_WRITE | EV_CLOSED | EV_ET | EV_PERSIST,

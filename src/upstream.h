@@ -42,6 +42,7 @@ struct upconn {
     struct pool *pool;
     struct conn *owner;         /* the client connection while ACTIVE */
     int requests;               /* requests sent on this connection */
+    uint32_t addr_gen;          /* of a host name endpoint's address (resil.h) */
     uint64_t idle_since_ms;
     struct upconn *prev, *next; /* pool idle list */
 };

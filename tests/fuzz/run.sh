@@ -26,7 +26,7 @@ ROOT=$PWD
 declare -A SOURCES=(
     [fuzz_http1]="src/http1.c src/log.c"
     [fuzz_uri]="src/uri.c src/log.c"
-    [fuzz_config]="src/config.c src/config_subst.c src/config_lines.c src/addr.c src/router.c src/uri.c src/http1.c src/log.c src/accesslog.c src/tls.c tests/fuzz/no_modules.c"
+    [fuzz_config]="src/config.c src/config_subst.c src/config_lines.c src/config_resil.c src/resil.c src/balance.c src/breaker.c src/accesslog.c src/tls.c src/addr.c src/router.c src/uri.c src/http1.c src/log.c tests/fuzz/no_modules.c"
     [fuzz_jwt]="src/log.c"
 )
 # pkg-config packages a target needs.

@@ -10,6 +10,7 @@
 #include "addr.h"
 #include "config.h"
 #include "modules.h"
+#include "resil.h"
 #include "router.h"
 
 #define SECRET_MARKER "zq-SECRET-MARKER-91f3"
@@ -355,18 +356,51 @@ static void test_not_yet(void)
                             "'/nonexistent/ca.pem'}}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
                  "upstreams.a.tls.ca: cannot open CA bundle /nonexistent/ca.pem");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'retry': {}}},"
+    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'retry': {'on': "
+                            "['reset', 'sometimes']}}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
-                 "upstreams.a.retry: not supported by this build yet");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'circuit_breaker': {}}},"
+                 "upstreams.a.retry.on[1]: expected \"connect_failure\", \"reset\", \"timeout\" or "
+                 "a status like \"503\", got \"sometimes\"");
+    EXPECT_ERROR("{" LISTEN
+                 ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'retry': {'attempts': 0}}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
-                 "upstreams.a.circuit_breaker: not supported by this build yet");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'health_check': {}}},"
+                 "upstreams.a.retry.attempts: must be from 1 to 10, got 0");
+    EXPECT_ERROR(
+        "{" LISTEN
+        ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'circuit_breaker': {'open': 5}}},"
+        " 'routes': [" RESPOND_ROUTE "]}",
+        "upstreams.a.circuit_breaker.open: unknown key");
+    EXPECT_ERROR(
+        "{" LISTEN
+        ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'health_check': {'path': 'healthz'}}},"
+        " 'routes': [" RESPOND_ROUTE "]}",
+        "upstreams.a.health_check.path: expected a path like \"/healthz\"");
+    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'health_check': "
+                            "{'expected_statuses': ['2yy']}}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
-                 "upstreams.a.health_check: not supported by this build yet");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'balance': 'least_conn'}},"
+                 "upstreams.a.health_check.expected_statuses[0]: expected a status code like "
+                 "\"503\" or a class like \"5xx\", got \"2yy\"");
+    EXPECT_ERROR("{" LISTEN
+                 ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'balance': 'least_conn'}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
-                 "upstreams.a.balance: \"least_conn\" is not supported by this build yet");
+                 "upstreams.a.balance: expected \"round_robin\", \"least_request\", \"random\" or "
+                 "\"hash\", got \"least_conn\"");
+    EXPECT_ERROR("{" LISTEN
+                 ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'hash_on': 'header:X'}},"
+                 " 'routes': [" RESPOND_ROUTE "]}",
+                 "upstreams.a.hash_on: only with \"balance\": \"hash\"");
+    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1'], 'balance': "
+                            "'hash', 'hash_on': 'body'}},"
+                 " 'routes': [" RESPOND_ROUTE "]}",
+                 "upstreams.a.hash_on: expected \"header:NAME\", \"cookie:NAME\" or "
+                 "\"client_address\", got \"body\"");
+    EXPECT_ERROR("{" LISTEN
+                 ", 'upstreams': {'a': {'endpoints': [{'address': '127.0.0.1:1', 'weight': 0}]}},"
+                 " 'routes': [" RESPOND_ROUTE "]}",
+                 "upstreams.a.endpoints[0].weight: must be from 1 to 100, got 0");
+    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'a': {'endpoints': [{'weight': 2}]}},"
+                 " 'routes': [" RESPOND_ROUTE "]}",
+                 "upstreams.a.endpoints[0]: an endpoint object needs \"address\"");
     EXPECT_ERROR("{" LISTEN ", 'routes': [{'path': '/', 'respond': {'status': 200}, 'websocket': true}]}",
                  "routes[0].websocket: not supported by this build yet");
     if (!modules_find("jwt_auth"))
@@ -437,9 +471,29 @@ static void test_addresses(void)
     EXPECT_ERROR("{'listeners': [{'address': '*:80'}, {'address': '[::1]:80'}, {'address': '0.0.0.0:80'}],"
                  " 'routes': [" RESPOND_ROUTE "]}",
                  "listeners[2].address: the same address as listeners[0]");
-    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'orders': {'endpoints': ['orders.internal:8000']}},"
+    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'orders': {'endpoints': ['orders internal:8000']}},"
                  " 'routes': [" RESPOND_ROUTE "]}",
-                 "upstreams.orders.endpoints[0]: \"orders.internal:8000\": host names are not supported yet; only IP literals");
+                 "upstreams.orders.endpoints[0]: \"orders internal:8000\": expected \"host:port\" "
+                 "or \"IP:port\"");
+    EXPECT_ERROR("{" LISTEN ", 'upstreams': {'orders': {'endpoints': ['orders.internal:8000'], "
+                            "'dns': {'max_addresses': 0}}},"
+                 " 'routes': [" RESPOND_ROUTE "]}",
+                 "upstreams.orders.dns.max_addresses: must be from 1 to 64, got 0");
+    {
+        /* A host name endpoint becomes dns.max_addresses slots. */
+        struct config *hc =
+            EXPECT_OK("{" LISTEN ", 'upstreams': {'orders': {'endpoints':"
+                      " ['10.0.0.1:80', {'address': 'orders.internal:8000', 'weight': 2}],"
+                      " 'dns': {'max_addresses': 3}}}, 'routes': [" RESPOND_ROUTE "]}");
+        if (hc) {
+            CHECK_EQ_INT(hc->upstreams[0].nendpoints, 4);
+            CHECK(strcmp(hc->upstreams[0].endpoints[2].address, "orders.internal:8000#1") == 0);
+            CHECK_EQ_INT(hc->upstreams[0].endpoints[3].dns_port, 8000);
+            CHECK_EQ_INT(hc->upstreams[0].resil->weights[3], 2);
+            CHECK_EQ_INT(hc->upstreams[0].resil->weights[0], 1);
+        }
+        config_unref(hc);
+    }
     EXPECT_ERROR("{" LISTEN ", 'upstreams': {'o': {'endpoints': ['*:8000']}}, 'routes': [" RESPOND_ROUTE "]}",
                  "upstreams.o.endpoints[0]: \"*\" (any address) cannot be an endpoint");
     EXPECT_ERROR("{" LISTEN ", 'upstreams': {'o': {'endpoints': []}}, 'routes': [" RESPOND_ROUTE "]}",
@@ -875,6 +929,54 @@ static void test_shipped_configs(void)
         CHECK(strcmp(route_for(c, "orders.example.com", "GET", "/api/orders/1"), "orders-api") == 0);
         CHECK(strcmp(route_for(c, "users.example.com", "GET", "/"), "not-found") == 0);
         CHECK(strcmp(route_for(c, "users.example.com", "GET", "/static/app.css"), "users-static") == 0);
+    }
+    config_unref(c);
+    c = load_example("conf/examples/resilience.json");
+    if (c) {
+        const struct config_upstream *u = config_find_upstream(c, "users");
+        const struct resil_upstream *ru = u->resil;
+        CHECK_EQ_INT(ru->balance, BAL_LEAST_REQUEST);
+        CHECK_EQ_INT(ru->weights[2], 2);
+        CHECK_EQ_INT(ru->nschedule, 4);
+        CHECK_EQ_INT(ru->retry.attempts, 2);
+        CHECK_EQ_INT(ru->retry.on, RETRY_ON_CONNECT | RETRY_ON_RESET);
+        CHECK(resil_status_in(ru->retry.on_status, 503) &&
+              !resil_status_in(ru->retry.on_status, 502));
+        CHECK_EQ_INT(ru->retry.per_try_timeout_ms, 3000);
+        CHECK_EQ_INT(ru->breaker.enabled, 1);
+        CHECK_EQ_INT(ru->breaker.max_ejected_percent, 50);
+        CHECK(resil_status_in(ru->failure_status, 503) &&
+              !resil_status_in(ru->failure_status, 500));
+        CHECK_EQ_INT(ru->health.enabled, 1);
+        CHECK_EQ_INT(ru->health.unhealthy_threshold, 3);
+        CHECK(resil_status_in(ru->health.statuses, 204) &&
+              !resil_status_in(ru->health.statuses, 500));
+        CHECK_EQ_INT(ru->max_requests, 2000);
+        u = config_find_upstream(c, "sessions");
+        CHECK_EQ_INT(u->resil->balance, BAL_HASH);
+        CHECK_EQ_INT(u->resil->hash_on, HASH_COOKIE);
+        CHECK(strcmp(u->resil->hash_name, "session") == 0);
+        CHECK_EQ_INT(u->resil->ring.n, 3 * BALANCE_RING_POINTS);
+        CHECK_EQ_INT(u->resil->health.enabled, 0);
+        u = config_find_upstream(c, "orders");
+        CHECK_EQ_INT(u->nendpoints, 8);
+        CHECK(u->endpoints[7].dns_host && strcmp(u->endpoints[7].dns_host, "orders.internal") == 0);
+        CHECK_EQ_INT(u->resil->retry.non_idempotent, 1);
+        CHECK_EQ_INT(u->resil->retry.max_replay_body_bytes, 16384);
+        CHECK_EQ_INT(u->resil->retry.on, RETRY_ON_CONNECT | RETRY_ON_RESET | RETRY_ON_TIMEOUT);
+        CHECK_EQ_INT(config_find_upstream(c, "users")->resil->retry.budget_percent, 20);
+    }
+    config_unref(c);
+    /* Without the blocks: one try, no breaker, no checks, round robin. */
+    c = EXPECT_OK("{" LISTEN ", 'upstreams': {'a': {'endpoints': ['127.0.0.1:1', '127.0.0.1:2']}},"
+                  " 'routes': [" RESPOND_ROUTE "]}");
+    if (c) {
+        const struct resil_upstream *ru = c->upstreams[0].resil;
+        CHECK_EQ_INT(ru->retry.attempts, 1);
+        CHECK_EQ_INT(ru->breaker.enabled, 0);
+        CHECK_EQ_INT(ru->health.enabled, 0);
+        CHECK_EQ_INT(ru->balance, BAL_ROUND_ROBIN);
+        CHECK_EQ_INT(ru->nschedule, 2);
     }
     config_unref(c);
     c = load_example("conf/portico.json");

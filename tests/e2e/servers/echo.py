@@ -17,14 +17,17 @@ Special paths:
   POST /slowsink     the same, reading 64 KiB every 20 ms (about 3 MB/s)
   /headers-out?a=b   answers with the given response headers
   /__stats           {connections, requests, events}; not counted itself
+  /__fail/N          from now on answer every other request with status N
+                     (0: back to normal); ?retry_after=S adds Retry-After: S;
+                     not counted itself (tests make an endpoint "fail")
 
 Byte k of a /big body is k % 256.
-Options: --port P (required), --idle-close-ms MS (close a keep-alive
-connection idle that long), --name NAME (answers carry "server": NAME),
---tls-cert FILE --tls-key FILE (speak TLS;
-then /__stats too is over TLS, and /slow cannot notice a peer closing),
---tls-client-ca FILE (require a client certificate from that CA; its
-subject is echoed as "client_subject").
+Options: --port P (required), --host 127.0.0.N (default 127.0.0.1),
+--idle-close-ms MS (close a keep-alive connection idle that long),
+--name NAME (answers carry "server": NAME), --tls-cert FILE --tls-key FILE
+(speak TLS; then /__stats too is over TLS, and /slow cannot notice a peer
+closing), --tls-client-ca FILE (require a client certificate from that CA;
+its subject is echoed as "client_subject").
 Prints nothing.
 """
 import hashlib
@@ -43,6 +46,7 @@ STATS = httpsrv.Counter()
 OPTS = None
 TLS_CTX = None
 CLIENT_SUBJECT = {}  # conn_id -> the TLS client certificate's subject
+FAIL = {"status": 0, "retry_after": None}
 
 
 def peer_closed_within(sock, seconds):
@@ -170,6 +174,15 @@ def handle(sock, addr):
             if close:
                 return
             continue
+        if path.startswith("/__fail/"):
+            httpsrv.read_body(reader, req)
+            q = dict(urllib.parse.parse_qsl(req.query))
+            FAIL["status"] = int(path.split("/")[2])
+            FAIL["retry_after"] = q.get("retry_after")
+            send(sock, 200, b"{}", close=close)
+            if close:
+                return
+            continue
         with STATS.lock:
             if not counted:
                 STATS.connections += 1
@@ -196,7 +209,12 @@ def handle(sock, addr):
 
         body = httpsrv.read_body(reader, req)
         parts = path.split("/")
-        if path.startswith("/status/"):
+        if FAIL["status"]:
+            doc = describe(req, body, conn_id, conn_requests)
+            extra = [["Retry-After", FAIL["retry_after"]]] if FAIL["retry_after"] else []
+            send(sock, FAIL["status"], json.dumps(doc).encode(), headers=extra,
+                 head_only=head_only, close=close)
+        elif path.startswith("/status/"):
             status = int(parts[2])
             doc = describe(req, body, conn_id, conn_requests)
             send(sock, status, json.dumps(doc).encode(), head_only=head_only, close=close)
@@ -252,7 +270,7 @@ def main():
             ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.load_verify_locations(OPTS.tls_client_ca)
     TLS_CTX = ctx
-    httpsrv.serve(handle, OPTS.port, ctx)
+    httpsrv.serve(handle, OPTS.port, ctx, OPTS.host)
 
 
 if __name__ == "__main__":

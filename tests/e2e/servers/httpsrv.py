@@ -172,7 +172,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     request_queue_size = 256
 
 
-def serve(handler_fn, port, ssl_ctx=None):
+def serve(handler_fn, port, ssl_ctx=None, host="127.0.0.1"):
     """Run handler_fn(sock, addr) per accepted connection, forever; with
     ssl_ctx, each connection is TLS (the handshake runs in its thread)."""
 
@@ -187,13 +187,14 @@ def serve(handler_fn, port, ssl_ctx=None):
             except (OSError, EOFError, ValueError):
                 pass
 
-    srv = Server(("127.0.0.1", port), Handler)
+    srv = Server((host, port), Handler)
     srv.serve_forever(poll_interval=0.5)
 
 
 def base_args(description):
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1", help="a loopback address to listen on")
     return p
 
 
