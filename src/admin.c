@@ -104,6 +104,27 @@ static int authorized(struct evhttp_request *req, const struct config *cfg)
     return token_ok(h + 7, cfg->admin.token);
 }
 
+/* ---- /readyz --------------------------------------------------------------- */
+
+/* Every upstream has an endpoint that is healthy and not ejected. */
+static int endpoints_ready(const struct config *cfg, char *why, size_t whylen)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t now = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+    for (size_t u = 0; u < cfg->nupstreams; u++) {
+        const struct config_upstream *up = &cfg->upstreams[u];
+        int any = 0;
+        for (size_t e = 0; e < up->nendpoints && !any; e++)
+            any = resil_ep_healthy(up, e) && strcmp(resil_ep_circuit(up, e, now), "open") != 0;
+        if (!any) {
+            snprintf(why, whylen, "upstream %s: no healthy endpoint", up->name);
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* ---- /upstreams --------------------------------------------------------- */
 
 static json_t *upstreams_json(const struct config *cfg)
@@ -207,7 +228,8 @@ static void on_request(struct evhttp_request *req, void *arg)
             return reply_text(req, 503, "draining\n");
         struct config *cfg = a->env.config_get(a->env.arg);
         char why[256] = "";
-        int ok = !cfg->admin.ready_modules || config_modules_ready(cfg, why, sizeof(why));
+        int ok = (!cfg->admin.ready_modules || config_modules_ready(cfg, why, sizeof(why))) &&
+                 (!cfg->admin.ready_endpoints || endpoints_ready(cfg, why, sizeof(why)));
         config_unref(cfg);
         if (!ok) {
             size_t wl = strlen(why);

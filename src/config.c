@@ -748,10 +748,13 @@ static void parse_admin(struct load *ld, json_t *root)
     json_array_foreach(rr, k, it) {
         if (json_is_string(it) && strcmp(json_string_value(it), "modules") == 0) {
             a->ready_modules = 1;
+        } else if (json_is_string(it) && strcmp(json_string_value(it), "healthy_endpoints") == 0) {
+            a->ready_endpoints = 1;
         } else {
             push_key(ld, "ready_requires");
             push_index(ld, k);
-            err(ld, "must be \"modules\" (what modules depend on, such as rate_limit's Redis, is reachable)");
+            err(ld, "must be \"modules\" (what modules depend on, such as rate_limit's Redis, is "
+                    "reachable) or \"healthy_endpoints\" (every upstream has one)");
             pop(ld);
             pop(ld);
         }

@@ -46,6 +46,7 @@ struct config_admin {
     socklen_t addrlen;
     char *token;                   /* bearer token, NULL = none (loopback only) */
     int ready_modules;             /* "ready_requires": ["modules"] */
+    int ready_endpoints;           /* "ready_requires": ["healthy_endpoints"] */
 };
 
 struct config_limits {

@@ -187,6 +187,36 @@ static void ctl_gauges(void *arg, char **b, size_t *len, size_t *cap)
                    "# TYPE portico_workers gauge\n"
                    "portico_workers %d\n",
                    nw);
+    /* Endpoint state, shared by the workers (resil.h), for the running config. */
+    struct config *cfg = ctl_config_get(NULL);
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t now = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+    static const char *const eps_help[3][2] = {
+        { "portico_upstream_endpoint_healthy", "1 when the endpoint passes its health checks (or has none)." },
+        { "portico_upstream_endpoint_circuit", "1 for the endpoint's circuit state (closed, open, half_open)." },
+        { "portico_upstream_endpoint_active_requests", "Requests in flight to the endpoint, all workers." },
+    };
+    for (int k = 0; k < 3; k++) {
+        metrics_printf(b, len, cap, "# HELP %s %s\n# TYPE %s gauge\n", eps_help[k][0], eps_help[k][1],
+                       eps_help[k][0]);
+        for (size_t u = 0; u < cfg->nupstreams; u++) {
+            const struct config_upstream *up = &cfg->upstreams[u];
+            for (size_t e = 0; e < up->nendpoints; e++) {
+                const char *name = up->name, *addr = up->endpoints[e].address;
+                if (k == 0)
+                    metrics_printf(b, len, cap, "%s{upstream=\"%s\",endpoint=\"%s\"} %d\n",
+                                   eps_help[k][0], name, addr, resil_ep_healthy(up, e) ? 1 : 0);
+                else if (k == 1)
+                    metrics_printf(b, len, cap, "%s{upstream=\"%s\",endpoint=\"%s\",state=\"%s\"} 1\n",
+                                   eps_help[k][0], name, addr, resil_ep_circuit(up, e, now));
+                else
+                    metrics_printf(b, len, cap, "%s{upstream=\"%s\",endpoint=\"%s\"} %d\n",
+                                   eps_help[k][0], name, addr, resil_ep_active(up, e));
+            }
+        }
+    }
+    config_unref(cfg);
     metrics_printf(b, len, cap,
                    "# HELP portico_build_info Version and modules built in.\n"
                    "# TYPE portico_build_info gauge\n"

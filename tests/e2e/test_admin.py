@@ -326,3 +326,36 @@ def wait_ready(aport, want, timeout=3.0):
         if res[0] == want or time.monotonic() > deadline:
             return res
         time.sleep(0.05)
+
+
+def test_endpoint_health_gauges_and_readiness(portico, upstream):
+    good = upstream("echo.py")
+    dead = free_port()
+    aport = free_port()
+    hc = {"path": "/healthz", "interval_ms": 100, "timeout_ms": 200,
+          "unhealthy_threshold": 1, "healthy_threshold": 1}
+    cfg = make_config(upstreams={"ok": {"endpoints": [good.addr], "health_check": hc},
+                                 "down": {"endpoints": ["127.0.0.1:%d" % dead], "health_check": hc}},
+                      routes=[{"path": "/", "upstream": "ok"}],
+                      admin={"address": "127.0.0.1:%d" % aport,
+                             "ready_requires": ["healthy_endpoints"]})
+    portico(cfg)
+    st, body, _ = wait_ready(aport, 503)
+    assert st == 503 and "upstream down: no healthy endpoint" in body, body
+    fams = families(admin_get(aport, "/metrics")[1])
+    h = {(s.labels["upstream"]): s.value for s in fams["portico_upstream_endpoint_healthy"].samples}
+    assert h == {"ok": 1.0, "down": 0.0}, h
+    circ = [s.labels["state"] for s in fams["portico_upstream_endpoint_circuit"].samples]
+    assert set(circ) <= {"closed", "open", "half_open"} and len(circ) == 2
+    assert fams["portico_upstream_endpoint_active_requests"].type == "gauge"
+    # the dead endpoint comes up: ready
+    import subprocess
+    import sys
+    srv = subprocess.Popen(["/usr/bin/python3", str(__import__("pathlib").Path(__file__).parent /
+                                                    "servers" / "echo.py"), "--port", str(dead)])
+    try:
+        st, body, _ = wait_ready(aport, 200, timeout=5)
+        assert st == 200, body
+    finally:
+        srv.kill()
+        srv.wait()
