@@ -2,6 +2,7 @@
  * parse_config. Matching and the headers it adds are tested end to end
  * (tests/e2e/test_mod_cors.py), where real requests exist. */
 #include "testlib.h"
+#include "testjson.h"
 
 #include <jansson.h>
 #include <stdlib.h>
@@ -17,20 +18,6 @@ static const struct module *the_module;
 
 #define PATH "routes[0].filters[1].cors"
 
-/* JSON written with ' for " so the tests stay readable. */
-static json_t *j(const char *s)
-{
-    char *text = strdup(s);
-    for (char *p = text; *p; p++)
-        if (*p == '\'')
-            *p = '"';
-    json_error_t je;
-    json_t *v = json_loads(text, JSON_DECODE_ANY, &je);
-    if (!v)
-        fprintf(stderr, "bad test JSON %s: %s\n", text, je.text);
-    free(text);
-    return v;
-}
 
 static void expect_ok(int line, const char *text)
 {

@@ -12,6 +12,7 @@
 #undef module_jwt_auth
 
 #include "testlib.h"
+#include "testjson.h"
 #include "modules.h"
 
 #include <openssl/core_names.h>
@@ -22,20 +23,6 @@ static double fixed_clock(void)
     return fixed_now;
 }
 
-/* JSON written with ' for " so the tests stay readable. */
-static json_t *j(const char *s)
-{
-    char *text = strdup(s);
-    for (char *p = text; *p; p++)
-        if (*p == '\'')
-            *p = '"';
-    json_error_t je;
-    json_t *v = json_loads(text, JSON_DECODE_ANY, &je);
-    if (!v)
-        fprintf(stderr, "bad test JSON %s: %s\n", text, je.text);
-    free(text);
-    return v;
-}
 
 static char *b64url(const unsigned char *d, size_t n)
 {

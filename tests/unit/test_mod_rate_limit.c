@@ -7,6 +7,7 @@
  * parse_config for the filter). The backends are tested end to end
  * (tests/e2e/test_mod_rate_limit.py) with real Redis processes. */
 #include "testlib.h"
+#include "testjson.h"
 
 #include <jansson.h>
 #include <pthread.h>
@@ -333,19 +334,6 @@ static void test_table_threads(void)
 
 /* ---- config ------------------------------------------------------------- */
 
-static json_t *j(const char *s)
-{
-    char *text = strdup(s);
-    for (char *p = text; *p; p++)
-        if (*p == '\'')
-            *p = '"';
-    json_error_t je;
-    json_t *v = json_loads(text, JSON_DECODE_ANY, &je);
-    if (!v)
-        fprintf(stderr, "bad test JSON %s: %s\n", text, je.text);
-    free(text);
-    return v;
-}
 
 /* redis: NULL (no section) or the section's JSON. */
 static int parse(const char *redis, const char *filter, char *err, size_t errlen)
