@@ -18,6 +18,7 @@ request (method, path, headers), so tests can see what was forwarded.
 The target decides other answers:
   /status/NNN    -> a plain NNN answer even to an upgrade
   /switch        -> a 101 (Upgrade: websocket) whatever was asked
+  /__conns       -> {"conns": connections accepted so far}
 """
 import argparse
 import base64
@@ -30,6 +31,8 @@ import sys
 import threading
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
+CONNS = [0]
+CONNS_LOCK = threading.Lock()
 
 
 def accept_key(key):
@@ -46,6 +49,8 @@ class Handler(socketserver.BaseRequestHandler):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
         self.wlock = threading.Lock()
+        with CONNS_LOCK:
+            CONNS[0] += 1
 
     # ---- bytes ---------------------------------------------------------
     def recv_exact(self, n):
@@ -137,6 +142,9 @@ class Handler(socketserver.BaseRequestHandler):
                            "headers": headers}).encode()
         conn_tokens = [t.strip().lower() for t in h.get("connection", "").split(",")]
         upgrade = "upgrade" in conn_tokens and h.get("upgrade", "").lower() == "websocket"
+        if target == "/__conns":
+            self.plain(200, json.dumps({"conns": CONNS[0]}).encode())
+            return True
         if target.startswith("/status/"):
             self.plain(int(target[8:11]), info)
             return True
