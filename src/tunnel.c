@@ -202,7 +202,7 @@ int tunnel_step(struct conn *c)
     struct upconn *u = c->up;
     int progress = 0;
     if (!u)
-        return tunnel_fail(c, "error");
+        return tunnel_fail(c, "upstream_error");
     uint64_t seen = r->bytes_in + r->bytes_out;
     if (seen != r->tun_client_bytes) {
         /* client_read / client_flush (conn.c) moved bytes */
@@ -271,8 +271,16 @@ void tunnel_end(struct conn *c)
 {
     struct request *r = &c->req;
     r->up_end_us = now_us();
-    if (!r->tun_end)
-        r->tun_end = r->tun_client_shut || r->tun_up_eof ? "upstream_closed" : "client_closed";
+    /* Ended outside tunnel_step: conn.c's send timeout, a failed client
+     * write, or a stopping worker. */
+    if (!r->tun_end) {
+        if (worker_draining(c->w))
+            r->tun_end = "shutdown";
+        else if (buf_len(&c->out) + c->sp_len && !c->writable)
+            r->tun_end = "send_timeout";
+        else
+            r->tun_end = "client_closed";
+    }
     request_log_field(r, "tunnel_end", r->tun_end);
     metrics_add(&c->w->metrics, "portico_websocket_tunnels_closed_total", 1, "route",
                 r->route->name, "reason", r->tun_end, NULL, NULL);

@@ -144,10 +144,10 @@ def log_lines(p, path=None):
 def ws_gw(portico, upstream):
     """ws_gw(route_opts..., top...) -> (portico, ws upstream)."""
 
-    def start(routes=None, listeners=None, **top):
-        u = upstream("ws_echo.py")
+    def start(routes=None, listeners=None, up_args=(), up_opts=None, **top):
+        u = upstream("ws_echo.py", *up_args)
         port = free_port()
-        cfg = make_config(port=port, upstreams={"ws": {"endpoints": [u.addr]}},
+        cfg = make_config(port=port, upstreams={"ws": dict({"endpoints": [u.addr]}, **(up_opts or {}))},
                           routes=routes or [{"path": "/ws", "upstream": "ws", "websocket": True},
                                             {"path": "/", "upstream": "ws"}], **top)
         if listeners:
@@ -245,13 +245,20 @@ def test_half_close_both_ways(ws_gw):
     assert [e["tunnel_end"] for e in lines] == ["client_closed", "upstream_closed"], lines
 
 
-def test_over_tls(ws_gw, tmp_path):
-    d = tmp_path
+@pytest.fixture(scope="module")
+def cert_dir(tmp_path_factory):
+    """A self-signed certificate for ws.test and 127.0.0.1 (openssl CLI)."""
+    d = tmp_path_factory.mktemp("wscert")
     r = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                         "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", "/CN=ws.test",
-                        "-addext", "subjectAltName=DNS:ws.test", "-keyout", str(d / "k.pem"),
-                        "-out", str(d / "c.pem")], capture_output=True, timeout=20)
+                        "-addext", "subjectAltName=DNS:ws.test,IP:127.0.0.1", "-keyout",
+                        str(d / "k.pem"), "-out", str(d / "c.pem")], capture_output=True, timeout=20)
     assert r.returncode == 0, r.stderr
+    return d
+
+
+def test_over_tls(ws_gw, cert_dir):
+    d = cert_dir
     port = free_port()
     p, _ = ws_gw(listeners=[{"address": "127.0.0.1:%d" % port,
                              "tls": {"certificates": [{"cert": str(d / "c.pem"),
@@ -278,6 +285,35 @@ def test_over_tls(ws_gw, tmp_path):
         ws.close()
     lines = util.wait_until(lambda: len(log_lines(p, "/ws")) == 2 and log_lines(p, "/ws"), 3)
     assert all(e["status"] == 101 for e in lines)
+
+
+def test_tls_upstream(ws_gw, cert_dir):
+    d = cert_dir
+    p, _ = ws_gw(up_args=("--tls-cert", str(d / "c.pem"), "--tls-key", str(d / "k.pem")),
+                 up_opts={"tls": {"ca": str(d / "c.pem")}})
+    ws = connect(p.port)
+    status, hdrs = ws.handshake()
+    assert status == 101 and hdrs["sec-websocket-accept"] == [accept_of(ws.key)]
+    exchange(ws)
+    ws.send("__flood %d" % (4 << 20))
+    got = 0
+    while True:
+        m = ws.recv()
+        if m == "done":
+            break
+        got += len(m)
+    assert got == 4 << 20
+    close_handshake(ws)
+    ws.close()
+    # upstream half-close over TLS
+    ws = connect(p.port)
+    assert ws.handshake()[0] == 101
+    ws.send("__shutdown")
+    assert ws.at_eof()
+    ws.close()
+    lines = util.wait_until(lambda: len(log_lines(p, "/ws")) == 2 and log_lines(p, "/ws"), 3)
+    # the server answers a close with its close and FIN at once
+    assert [e["tunnel_end"] for e in lines] == ["upstream_closed", "upstream_closed"], lines
 
 
 def test_idle_timeout(ws_gw):
@@ -389,6 +425,18 @@ def test_back_pressure_bounded_memory(ws_gw):
     t.join(10)
     assert sent[0] == 128 << 20
     close_handshake(ws)
+    ws.close()
+
+
+def test_client_not_reading_cut_by_send_timeout(ws_gw):
+    p, _ = ws_gw(limits={"send_timeout_ms": 800},
+                 routes=[{"path": "/ws", "upstream": "ws", "websocket": True}])
+    ws = connect(p.port)
+    ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    assert ws.handshake()[0] == 101
+    ws.send("__flood %d" % (256 << 20))
+    e = util.wait_until(lambda: log_lines(p, "/ws"), 5)
+    assert e and e[0]["tunnel_end"] == "send_timeout", e
     ws.close()
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A WebSocket echo upstream for the e2e tests (RFC 6455, standard library
-only): ws_echo.py --port N
+only): ws_echo.py --port N [--tls-cert PEM --tls-key PEM]
 
 Upgrade requests (Connection: upgrade, Upgrade: websocket, a valid
 Sec-WebSocket-Key, version 13) get a 101 with Sec-WebSocket-Accept; then
@@ -26,6 +26,7 @@ import hashlib
 import json
 import socket
 import socketserver
+import ssl
 import struct
 import sys
 import threading
@@ -33,6 +34,7 @@ import threading
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
 CONNS = [0]
 CONNS_LOCK = threading.Lock()
+TLS = [None]  # the server context with --tls-cert
 
 
 def accept_key(key):
@@ -47,6 +49,13 @@ class Handler(socketserver.BaseRequestHandler):
     def setup(self):
         self.sock = self.request
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if TLS[0]:
+            self.sock.settimeout(10)
+            try:
+                self.sock = TLS[0].wrap_socket(self.sock, server_side=True)
+                self.sock.settimeout(None)
+            except (ssl.SSLError, OSError):
+                self.sock = None  # a port probe, or a failed handshake
         self.buf = b""
         self.wlock = threading.Lock()
         with CONNS_LOCK:
@@ -119,6 +128,8 @@ class Handler(socketserver.BaseRequestHandler):
 
     # ---- the exchange --------------------------------------------------
     def handle(self):
+        if self.sock is None:
+            return
         try:
             while True:
                 method, target, version, headers = self.read_head()
@@ -246,7 +257,13 @@ class Server(socketserver.ThreadingTCPServer):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--tls-cert")
+    ap.add_argument("--tls-key")
     args = ap.parse_args()
+    if args.tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        TLS[0] = ctx
     srv = Server(("127.0.0.1", args.port), Handler)
     try:
         srv.serve_forever()
