@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 import socket
 import ssl
 import struct
@@ -438,6 +439,28 @@ def test_client_not_reading_cut_by_send_timeout(ws_gw):
     e = util.wait_until(lambda: log_lines(p, "/ws"), 5)
     assert e and e[0]["tunnel_end"] == "send_timeout", e
     ws.close()
+
+
+def test_reload_keeps_tunnels_and_shutdown_ends_them(ws_gw):
+    p, _ = ws_gw()
+    ws = connect(p.port)
+    assert ws.handshake()[0] == 101
+    p.signal(signal.SIGHUP)
+    assert util.wait_until(lambda: "reloaded" in p.stderr(), 5)
+    ws.send("after reload")
+    assert ws.recv() == "after reload"
+    # a stopping Portico lets the tunnel run until limits.drain_timeout_ms
+    t0 = time.monotonic()
+    p.expect_exit = True
+    p.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    ws.send("while draining")
+    assert ws.recv() == "while draining"
+    assert ws.at_eof(timeout=5)
+    assert 0.8 < time.monotonic() - t0 < 4
+    assert p.wait(5) == 0
+    e = log_lines(p, "/ws")
+    assert e and e[0]["tunnel_end"] == "shutdown", e
 
 
 def test_unauthenticated_upgrade_refused(ws_gw, portico_bin):
