@@ -1506,7 +1506,8 @@ static int response_head(struct conn *c)
         r->resp.conn_close = 1; /* the upstream may think it switched: do not reuse it */
     if (r->resp.status < 200) {
         /* 1xx: interim answers are not relayed (we took Expect off the
-         * request); 101 would switch protocols, which the core does not do. */
+         * request); a 101 that is not the answer to a WebSocket upgrade we
+         * forwarded (tunnel.h) would switch to a protocol we do not relay. */
         if (r->resp.status == 101) {
             upstream_gone(c, 502, "unexpected 101 Switching Protocols");
             return 1;

@@ -16,29 +16,14 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-/* Does a comma-separated field value list token (case-insensitive)? For
- * Upgrade, a protocol version ("websocket/13") does not count. */
-static int value_has_token(const struct http_str *v, const char *token)
-{
-    size_t tl = strlen(token);
-    const char *p = v->p, *end = v->p + v->len;
-    while (p < end) {
-        while (p < end && (*p == ' ' || *p == '\t' || *p == ','))
-            p++;
-        const char *s = p;
-        while (p < end && *p != ',' && *p != ' ' && *p != '\t')
-            p++;
-        if ((size_t)(p - s) == tl && strncasecmp(s, token, tl) == 0)
-            return 1;
-    }
-    return 0;
-}
-
+/* Does some field called name list token (case-insensitive)? A protocol
+ * version ("websocket/13") does not count as the token. */
 static int fields_have_token(const struct http_header *h, size_t nh, const char *name,
                              const char *token)
 {
     for (size_t i = 0; i < nh; i++)
-        if (http_token_eq(h[i].name.p, h[i].name.len, name) && value_has_token(&h[i].value, token))
+        if (http_token_eq(h[i].name.p, h[i].name.len, name) &&
+            http_list_has(h[i].value.p, h[i].value.len, token))
             return 1;
     return 0;
 }
