@@ -220,6 +220,14 @@ int tunnel_step(struct conn *c)
         c->dead = 1;
         return 1;
     }
+    /* A quiet tunnel holds no buffers: empty ones go back to the worker's
+     * cache and are taken again with the next bytes (nothing points into
+     * them: the request head was forwarded, the 101 head consumed). */
+    buf_release_if_empty(&c->in);
+    buf_release_if_empty(&u->in);
+    buf_release_if_empty(&u->out);
+    if (c->sp_len == 0)
+        buf_release_if_empty(&c->out);
     return progress;
 }
 

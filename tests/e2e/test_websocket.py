@@ -364,6 +364,7 @@ def test_many_concurrent_tunnels(ws_gw):
     p, _ = ws_gw(workers=2)
     n = 100
     tunnels = []
+    base = p.rss_kb()
     for i in range(n):
         ws = connect(p.port)
         assert ws.handshake()[0] == 101
@@ -372,6 +373,8 @@ def test_many_concurrent_tunnels(ws_gw):
         ws.send("from %d" % i)
     for i, ws in enumerate(tunnels):
         assert ws.recv() == "from %d" % i
+    # quiet tunnels give their buffers back (about 10 kB each remain)
+    assert p.rss_kb() - base < n * 48, (base, p.rss_kb())
     for ws in tunnels:
         ws.send_frame(0x8, struct.pack("!H", 1000))
     for ws in tunnels:
