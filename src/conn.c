@@ -1975,8 +1975,8 @@ static void conn_pump(struct conn *c)
         }
         progress |= client_flush(c);
         /* Let other connections run now and then under a flood of
-         * pipelined requests. */
-        if (++rounds > 256 && c->state == CS_HEAD) {
+         * pipelined requests, or a tunnel whose both sides never rest. */
+        if (++rounds > 256 && (c->state == CS_HEAD || c->state == CS_TUNNEL)) {
             c->readable = 1;
             event_active(&c->ev, EV_READ, 0);
             break;
