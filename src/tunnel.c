@@ -71,19 +71,30 @@ static int tunnel_fail(struct conn *c, const char *why)
     return 1;
 }
 
-/* Client bytes (c->in) to the upstream socket. */
+/* Client bytes (c->in) to the upstream socket, after whatever of the
+ * request head u->out still holds (an upstream may answer 101 before it
+ * has read all of it). */
 static int up_write(struct conn *c)
 {
     struct request *r = &c->req;
     struct upconn *u = c->up;
-    size_t len = buf_len(&c->in);
+    struct iovec iov[2];
+    int n = 0;
+    if (buf_len(&u->out)) {
+        iov[n].iov_base = buf_head(&u->out);
+        iov[n++].iov_len = buf_len(&u->out);
+    }
+    if (buf_len(&c->in)) {
+        iov[n].iov_base = buf_head(&c->in);
+        iov[n++].iov_len = buf_len(&c->in);
+    }
+    size_t len = buf_len(&u->out) + buf_len(&c->in);
     if (!len || !u->writable || r->tun_up_shut)
         return 0;
     ssize_t wr;
     if (u->ssl) {
-        struct iovec iov = { buf_head(&c->in), len };
         int stop;
-        wr = tls_writev(u->ssl, &iov, 1, &stop);
+        wr = tls_writev(u->ssl, iov, n, &stop);
         u->tls_wr = stop == TLS_WANT_READ;
         if (stop == TLS_FATAL && wr == 0) {
             log_debug("tunnel: upstream TLS write: %s", tls_last_error(u->ssl));
@@ -94,7 +105,8 @@ static int up_write(struct conn *c)
         if (wr == 0)
             return 0;
     } else {
-        wr = send(u->fd, buf_head(&c->in), len, MSG_NOSIGNAL);
+        struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
+        wr = sendmsg(u->fd, &mh, MSG_NOSIGNAL);
         if (wr < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
                 u->writable = 0;
@@ -108,7 +120,9 @@ static int up_write(struct conn *c)
         if ((size_t)wr < len)
             u->writable = 0;
     }
-    buf_consume(&c->in, (size_t)wr);
+    size_t w = (size_t)wr, from_out = w < buf_len(&u->out) ? w : buf_len(&u->out);
+    buf_consume(&u->out, from_out);
+    buf_consume(&c->in, w - from_out);
     r->tun_activity_ms = worker_now_ms(c->w);
     return 1;
 }
@@ -201,7 +215,7 @@ int tunnel_step(struct conn *c)
     if (c->dead)
         return 1;
     span_sync(c);
-    if (c->eof && !r->tun_up_shut && buf_len(&c->in) == 0) {
+    if (c->eof && !r->tun_up_shut && buf_len(&c->in) == 0 && buf_len(&u->out) == 0) {
         shut_write(u->fd, u->ssl);
         r->tun_up_shut = 1;
         if (!r->tun_end)
