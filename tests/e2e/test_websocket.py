@@ -466,6 +466,30 @@ def test_reload_keeps_tunnels_and_shutdown_ends_them(ws_gw):
     assert e and e[0]["tunnel_end"] == "shutdown", e
 
 
+def test_filters_edit_the_upgrade_and_the_101(ws_gw, portico_bin):
+    mods = subprocess.run([portico_bin, "-V"], capture_output=True, text=True).stdout
+    if "headers" not in mods or "ip_access" not in mods:
+        pytest.skip("headers and ip_access are not both built in")
+    p, _ = ws_gw(routes=[
+        {"path": "/ws", "upstream": "ws", "websocket": True,
+         "filters": [{"headers": {"request": {"set": {"X-Route": "%{route}"}},
+                                  "response": {"set": {"X-Gateway": "portico"}}}}]},
+        {"path": "/deny", "upstream": "ws", "websocket": True,
+         "filters": [{"ip_access": {"deny": ["127.0.0.0/8"]}}]}])
+    ws = connect(p.port)
+    status, hdrs = ws.handshake()
+    assert status == 101 and hdrs["x-gateway"] == ["portico"]
+    ws.send("__headers")
+    seen = {k.lower(): v for k, v in json.loads(ws.recv())}
+    assert seen["x-route"] == "routes[0]" and seen["upgrade"] == "websocket"
+    close_handshake(ws)
+    ws.close()
+    ws = connect(p.port)
+    status, hdrs = ws.handshake(path="/deny")
+    assert status == 403
+    ws.close()
+
+
 def test_unauthenticated_upgrade_refused(ws_gw, portico_bin):
     mods = subprocess.run([portico_bin, "-V"], capture_output=True, text=True).stdout
     if "jwt_auth" not in mods:
