@@ -1428,16 +1428,32 @@ static void parse_route_name(struct load *ld, json_t *obj, struct config_route *
     }
 }
 
+/* "websocket": true lets upgrade requests become tunnels; its timeouts
+ * mean nothing without it, so they are refused alone. */
+static void parse_websocket(struct load *ld, json_t *obj, struct config_route *r)
+{
+    long long life;
+    get_bool(ld, obj, "websocket", 0, &r->websocket);
+    get_timeout(ld, obj, "websocket_idle_timeout_ms", 60000, &r->websocket_idle_timeout_ms);
+    get_int(ld, obj, "websocket_max_lifetime_ms", 0, 30 * DAY_MS, 0, &life);
+    r->websocket_max_lifetime_ms = life;
+    if (r->websocket && !json_object_get(obj, "upstream") && json_object_get(obj, "respond"))
+        err_key(ld, "websocket", "only for routes with \"upstream\"");
+    if (!r->websocket) {
+        if (json_object_get(obj, "websocket_idle_timeout_ms"))
+            err_key(ld, "websocket_idle_timeout_ms", "only with \"websocket\": true");
+        if (json_object_get(obj, "websocket_max_lifetime_ms"))
+            err_key(ld, "websocket_max_lifetime_ms", "only with \"websocket\": true");
+    }
+}
+
 static struct config_route *parse_route(struct load *ld, json_t *obj, size_t i)
 {
     static const char *const known[] = {
-        "name",    "host",         "path",
-        "exact",   "methods",      "upstream",
-        "respond", "strip_prefix", "prefix_rewrite",
-        "filters", "log_sample",   "retry_non_idempotent",
-        NULL,
+        "name", "host", "path", "exact", "methods", "upstream", "respond",
+        "strip_prefix", "prefix_rewrite", "filters", "log_sample", "retry_non_idempotent",
+        "websocket", "websocket_idle_timeout_ms", "websocket_max_lifetime_ms", NULL,
     };
-    static const char *const later[] = { "websocket", NULL };
     struct config_route *r = xcalloc(1, sizeof(*r));
     r->index = i;
     if (!json_is_object(obj)) {
@@ -1446,7 +1462,7 @@ static struct config_route *parse_route(struct load *ld, json_t *obj, size_t i)
         parse_route_name(ld, NULL, r, i);
         return r;
     }
-    check_keys(ld, obj, known, later);
+    check_keys(ld, obj, known, NULL);
     parse_route_name(ld, obj, r, i);
     parse_host(ld, obj, r);
     parse_path(ld, obj, r);
@@ -1459,6 +1475,7 @@ static struct config_route *parse_route(struct load *ld, json_t *obj, size_t i)
     parse_filters(ld, obj, &r->filters, &r->nfilters);
     r->log_sample = -1; /* the access_log's */
     get_sample(ld, obj, "log_sample", &r->log_sample);
+    parse_websocket(ld, obj, r);
     return r;
 }
 

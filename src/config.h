@@ -115,6 +115,10 @@ struct config_route {
     size_t nfilters;
     double log_sample;             /* "log_sample"; -1 = access_log.sample */
     int retry_non_idempotent;      /* retries may resend POST etc. (resil.h) */
+    /* WebSocket tunnels (tunnel.h): off unless "websocket": true */
+    int websocket;
+    int websocket_idle_timeout_ms;   /* no byte either way this long: close; default 60000 */
+    int64_t websocket_max_lifetime_ms; /* 0 = no limit (the default) */
 };
 
 #define ACCESSLOG_TEXT_DEFAULT                                                                    \

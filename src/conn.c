@@ -6,6 +6,7 @@
 #include "accesslog.h"
 #include "log.h"
 #include "router.h"
+#include "tunnel.h"
 #include "upstream.h"
 #include "uri.h"
 #include "worker.h"
@@ -881,6 +882,9 @@ static void request_dispatch(struct conn *c)
                 rt->respond_body_len, NULL);
         return;
     }
+    /* Elsewhere Upgrade and Connection are dropped as hop-by-hop fields and
+     * the request goes on as a plain one (as nginx does). */
+    r->ws = rt->websocket && tunnel_request_is_upgrade(&r->head);
     start_proxy(c);
 }
 
@@ -1661,9 +1665,27 @@ static int response_head(struct conn *c)
         upstream_gone(c, 502, why);
         return 1;
     }
+    if (r->resp.status == 101 && r->ws && tunnel_response_ok(&r->resp)) {
+        if (r->chain_ok) {
+            r->status = 101;
+            filter_run_response(c);
+        }
+        if (!r->local.set) {
+            tunnel_begin(c, (size_t)rc);
+            return 1;
+        }
+        upconn_close(c->up); /* a filter refused the switch */
+        c->up = NULL;
+        r->up_end_us = now_us();
+        local_commit(c);
+        return 1;
+    }
+    if (r->ws)
+        r->resp.conn_close = 1; /* the upstream may think it switched: do not reuse it */
     if (r->resp.status < 200) {
         /* 1xx: interim answers are not relayed (we took Expect off the
-         * request); 101 would switch protocols, which the core does not do. */
+         * request); a 101 that is not the answer to a WebSocket upgrade we
+         * forwarded (tunnel.h) would switch to a protocol we do not relay. */
         if (r->resp.status == 101) {
             upstream_gone(c, 502, "unexpected 101 Switching Protocols");
             return 1;
@@ -2007,6 +2029,9 @@ static uint64_t conn_deadline(const struct conn *c)
     case CS_LINGER:
         d = min_nz(d, c->linger_deadline_ms);
         break;
+    case CS_TUNNEL:
+        d = min_nz(d, tunnel_deadline(c));
+        break;
     }
     return d;
 }
@@ -2083,6 +2108,8 @@ static int conn_timeouts(struct conn *c, uint64_t now)
             return 1;
         }
         return 0;
+    case CS_TUNNEL:
+        return tunnel_timeouts(c, now);
     }
     return 0;
 }
@@ -2139,17 +2166,22 @@ static void conn_pump(struct conn *c)
         case CS_LINGER:
             progress |= linger_step(c);
             break;
+        case CS_TUNNEL:
+            progress |= tunnel_step(c);
+            break;
         }
         progress |= client_flush(c);
         /* Let other connections run now and then under a flood of
-         * pipelined requests. */
-        if (++rounds > 256 && c->state == CS_HEAD) {
+         * pipelined requests, or a tunnel whose both sides never rest. */
+        if (++rounds > 256 && (c->state == CS_HEAD || c->state == CS_TUNNEL)) {
             c->readable = 1;
             event_active(&c->ev, EV_READ, 0);
             break;
         }
     } while (progress && !c->dead);
     if (c->dead) {
+        if (c->state == CS_TUNNEL)
+            tunnel_end(c);
         if (c->req.method && c->req.status)
             request_log(c);
         conn_free(c);

@@ -12,6 +12,9 @@
  *     |                     +--response done, close--> LINGER --> freed
  *     +--framing error: answer, close---------------------^
  *
+ * REQUEST --upstream 101 to a WebSocket upgrade--> TUNNEL --> freed
+ * (tunnel.h: a byte stream both ways until both sides are done).
+ *
  * HEAD: waiting for a request head (idle timeout before its first byte,
  * header timeout after). REQUEST: a local answer or a proxied exchange:
  * the request body streams client -> upstream while the response streams
@@ -41,7 +44,7 @@
 struct worker;
 struct upconn;
 
-enum conn_state { CS_HEAD, CS_REQUEST, CS_LINGER };
+enum conn_state { CS_HEAD, CS_REQUEST, CS_LINGER, CS_TUNNEL };
 
 /* One filter of this request's chain and its per-request slot. */
 struct filter_run {
@@ -81,6 +84,7 @@ enum resp_state {
     RS_DONE,
     RS_ABORT,        /* response cut short: flush what we have, then close */
     RS_PAUSED,       /* a filter is waiting for something asynchronous */
+    RS_TUNNEL,       /* the 101 of a WebSocket upgrade: the tunnel carries on (tunnel.c) */
 };
 
 struct request {
@@ -147,6 +151,12 @@ struct request {
     char client_ip[64];
     struct conn *conn;
     uint64_t up_activity_ms;       /* last upstream progress, for timeout_ms */
+    /* WebSocket (tunnel.c) */
+    int ws;                        /* forwarded as an upgrade: a 101 may open a tunnel */
+    unsigned tun_up_eof : 1, tun_up_shut : 1, tun_client_shut : 1;
+    uint64_t tun_start_ms, tun_activity_ms;
+    uint64_t tun_client_bytes;     /* bytes_in + bytes_out when last looked at */
+    const char *tun_end;           /* why the tunnel ended (metric label) */
     uint64_t up_connect_deadline_ms;
     struct resil_req resil;        /* tries, breaker and budget bookkeeping (resil.h) */
 };

@@ -280,6 +280,10 @@ static const struct {
     { "portico_upstream_errors_total",
       "Upstream failures: connect errors, timeouts, resets, bad answers." },
     { "portico_connections_accepted_total", "Client connections accepted." },
+    { "portico_websocket_tunnels_opened_total", "WebSocket tunnels opened (upstream 101), by route." },
+    { "portico_websocket_tunnels_closed_total",
+      "WebSocket tunnels closed, by route and reason (client_closed, upstream_closed, "
+      "idle_timeout, max_lifetime, send_timeout, upstream_error, shutdown)." },
     { "portico_tls_handshakes_total",
       "TLS handshakes with clients and upstreams: full, resumed, failed, timeout, plain_http." },
     { "portico_jwt_requests_total", "jwt_auth decisions, by outcome and refusal reason." },

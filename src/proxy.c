@@ -21,7 +21,8 @@ int proxy_is_hop_by_hop(const char *n, size_t len)
     case 10:
         return http_token_eq(n, len, "connection") || http_token_eq(n, len, "keep-alive");
     case 14:
-        return http_token_eq(n, len, "content-length");
+        /* HTTP2-Settings goes with an h2c upgrade, never forwarded */
+        return http_token_eq(n, len, "content-length") || http_token_eq(n, len, "http2-settings");
     case 16:
         return http_token_eq(n, len, "proxy-connection");
     case 17:
@@ -323,6 +324,9 @@ void proxy_build_request(struct conn *c, struct buf *out)
 #undef OURS
     if (ed)
         filter_edits_emit(ed, out);
+    /* The only upgrade forwarded (tunnel.h); any other was dropped above. */
+    if (r->ws)
+        puts_(out, "Connection: Upgrade\r\nUpgrade: websocket\r\n");
     if (r->rb == RB_CHUNKED) {
         puts_(out, "Transfer-Encoding: chunked\r\n");
     } else if (r->rb == RB_LENGTH) {
@@ -378,7 +382,9 @@ void proxy_build_response(struct conn *c, const struct http_response *resp, int 
             puts_(out, "Transfer-Encoding: chunked\r\n");
         break;
     }
-    if (c->close_after)
+    if (resp->status == 101)
+        puts_(out, "Connection: Upgrade\r\nUpgrade: websocket\r\n"); /* tunnel_begin */
+    else if (c->close_after)
         puts_(out, "Connection: close\r\n");
     else if (r->head.minor == 0)
         puts_(out, "Connection: keep-alive\r\n");

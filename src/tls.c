@@ -947,6 +947,15 @@ void tls_close(SSL *ssl)
         server_unref(s);
 }
 
+void tls_shutdown_write(SSL *ssl)
+{
+    if (SSL_is_init_finished(ssl) && !(SSL_get_shutdown(ssl) & SSL_SENT_SHUTDOWN)) {
+        ERR_clear_error();
+        SSL_shutdown(ssl);
+        ERR_clear_error();
+    }
+}
+
 int tls_session_reused(SSL *ssl) { return SSL_session_reused(ssl); }
 
 const char *tls_conn_version(SSL *ssl)

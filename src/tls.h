@@ -118,6 +118,9 @@ int tls_drained(SSL *ssl);
 /* Send close_notify (best effort, never waits) and free; every SSL from
  * tls_server_conn / tls_client_conn must end here. */
 void tls_close(SSL *ssl);
+/* Send close_notify (best effort, never waits) and keep the session for
+ * reading: one direction of a tunnel is done (tunnel.c). */
+void tls_shutdown_write(SSL *ssl);
 /* Did the handshake fail because the peer spoke plain HTTP? */
 int tls_peer_sent_http(void);
 /* The reason of the last failure on this thread (for logs), or "". */

@@ -402,7 +402,16 @@ static void test_not_yet(void)
                  " 'routes': [" RESPOND_ROUTE "]}",
                  "upstreams.a.endpoints[0]: an endpoint object needs \"address\"");
     EXPECT_ERROR("{" LISTEN ", 'routes': [{'path': '/', 'respond': {'status': 200}, 'websocket': true}]}",
-                 "routes[0].websocket: not supported by this build yet");
+                 "routes[0].websocket: only for routes with \"upstream\"");
+    EXPECT_ERROR("{" LISTEN ", " UPS ", 'routes': [{'path': '/', 'upstream': 'app',"
+                 " 'websocket_idle_timeout_ms': 5000}]}",
+                 "routes[0].websocket_idle_timeout_ms: only with \"websocket\": true");
+    EXPECT_ERROR("{" LISTEN ", " UPS ", 'routes': [{'path': '/', 'upstream': 'app',"
+                 " 'websocket': true, 'websocket_idle_timeout_ms': 0}]}",
+                 "routes[0].websocket_idle_timeout_ms: must be from 1 to");
+    EXPECT_ERROR("{" LISTEN ", " UPS ", 'routes': [{'path': '/', 'upstream': 'app',"
+                 " 'websocket': 'yes'}]}",
+                 "routes[0].websocket: expected true or false");
     if (!modules_find("jwt_auth"))
         EXPECT_ERROR("{" LISTEN ", " UPS ", 'routes': [{'path': '/', 'upstream': 'app',"
                      " 'filters': [{'request_id': {}}, {'jwt_auth': {'providers': ['main']}}]}]}",

@@ -3,6 +3,7 @@
  * at every split point. */
 #include "http1.h"
 #include "testlib.h"
+#include "tunnel.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -1037,6 +1038,61 @@ static void test_helpers(void)
     CHECK(all);
 }
 
+/* What tunnel.c takes for a WebSocket upgrade, and for its acceptance. */
+static void test_websocket_upgrade(void)
+{
+    static const struct {
+        const char *head;
+        int upgrade;
+    } cases[] = {
+        { "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 1 },
+        { "GET /ws HTTP/1.1\r\nHost: a\r\nconnection: keep-alive, UPGRADE\r\n"
+          "upgrade: WebSocket\r\n\r\n", 1 },
+        { "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nConnection: upgrade\r\n"
+          "Upgrade: foo, websocket\r\n\r\n", 1 },
+        /* no Connection: upgrade, another protocol, a version, not GET, a body, 1.0 */
+        { "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n", 0 },
+        { "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n", 0 },
+        { "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket/13\r\n\r\n", 0 },
+        { "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgraded\r\nUpgrade: websocket\r\n\r\n", 0 },
+        { "POST /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n", 0 },
+        { "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+          "Content-Length: 1\r\n\r\nx", 0 },
+        { "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+          "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 0 },
+        { "GET /ws HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n", 0 },
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct http_request r;
+        int rc = req_once(cases[i].head, strlen(cases[i].head), &r, hdrs);
+        CHECK(rc > 0);
+        if (rc > 0 && tunnel_request_is_upgrade(&r) != cases[i].upgrade) {
+            t_failed++;
+            fprintf(stderr, "case %zu: upgrade should be %d\n", i, cases[i].upgrade);
+        }
+    }
+    static const struct {
+        const char *head;
+        int ok;
+    } resps[] = {
+        { "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 1 },
+        { "HTTP/1.1 101 Switching Protocols\r\nUpgrade: WEBSOCKET\r\n\r\n", 1 },
+        { "HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n", 0 },
+        { "HTTP/1.1 101 Switching Protocols\r\n\r\n", 0 },
+        { "HTTP/1.1 200 OK\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n", 0 },
+    };
+    for (size_t i = 0; i < sizeof(resps) / sizeof(resps[0]); i++) {
+        struct http_response resp = { .headers = hdrs, .max_headers_cap = NHDRS };
+        size_t scanned = 0;
+        int rc = http_parse_response(resps[i].head, strlen(resps[i].head), &scanned, &lim, &resp);
+        CHECK(rc > 0);
+        if (rc > 0 && tunnel_response_ok(&resp) != resps[i].ok) {
+            t_failed++;
+            fprintf(stderr, "response %zu: ok should be %d\n", i, resps[i].ok);
+        }
+    }
+}
+
 int main(void)
 {
     test_simple_get();
@@ -1056,5 +1112,6 @@ int main(void)
     test_chunked_good();
     test_chunked_bad();
     test_helpers();
+    test_websocket_upgrade();
     return test_summary();
 }
