@@ -874,7 +874,7 @@ static void parse_access_log(struct load *ld, json_t *root)
         check_keys(ld, obj, known, no_keys);
         json_t *p = get_string(ld, obj, "path");
         if (p && (json_string_length(p) == 0 || has_ctl(json_string_value(p))))
-            err_key(ld, "path", "must be \"-\" (stdout), \"off\" or a file path");
+            err_key(ld, "path", "must be \"-\" (stdout), \"stderr\", \"off\" or a file path");
         else if (p)
             path = json_string_value(p);
         json_t *f = get_string(ld, obj, "format");
@@ -896,7 +896,7 @@ static void parse_access_log(struct load *ld, json_t *root)
         get_sample(ld, obj, "sample", &ld->cfg->access_log.sample);
         pop(ld);
     }
-    if (strcmp(path, "-") == 0 || strcmp(path, "off") == 0)
+    if (strcmp(path, "-") == 0 || strcmp(path, "off") == 0 || strcmp(path, "stderr") == 0)
         ld->cfg->access_log.path = xstrdup(path);
     else
         ld->cfg->access_log.path = config_resolve_path(ld->dir, path);

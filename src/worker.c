@@ -356,7 +356,7 @@ static int open_access_log(struct worker *w, const struct config *cfg, char *err
 {
     if (w->log_fd >= 0) {
         log_flush(w);
-        if (w->log_fd != STDOUT_FILENO)
+        if (w->log_fd != STDOUT_FILENO && w->log_fd != STDERR_FILENO)
             close(w->log_fd);
         w->log_fd = -1;
     }
@@ -367,6 +367,8 @@ static int open_access_log(struct worker *w, const struct config *cfg, char *err
         return 0;
     if (strcmp(lp, "-") == 0) {
         w->log_fd = STDOUT_FILENO;
+    } else if (strcmp(lp, "stderr") == 0) {
+        w->log_fd = STDERR_FILENO; /* beside the error log, as containers often want */
     } else {
         w->log_fd = open(lp, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
         if (w->log_fd < 0) {
@@ -540,7 +542,7 @@ void worker_free(struct worker *w)
         }
     }
     free(w->listeners);
-    if (w->log_fd >= 0 && w->log_fd != STDOUT_FILENO)
+    if (w->log_fd >= 0 && w->log_fd != STDOUT_FILENO && w->log_fd != STDERR_FILENO)
         close(w->log_fd);
     if (w->log_ev_pending)
         event_del(&w->log_ev);

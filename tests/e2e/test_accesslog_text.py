@@ -79,3 +79,16 @@ def test_bad_access_log_settings_refused(portico_bin, tmp_path):
         f.write_text(json.dumps(cfg))
         r = subprocess.run([portico_bin, "-t", "-c", str(f)], capture_output=True, text=True)
         assert r.returncode == 1 and msg in r.stderr, (extra, r.stderr)
+
+
+def test_access_log_to_stderr(portico, echo):
+    p = portico(make_config(upstreams={"e": {"endpoints": [echo.addr]}},
+                            routes=[{"path": "/", "upstream": "e"}],
+                            access_log={"path": "stderr", "format": "text",
+                                        "template": "ACCESS %{method} %{path} %{status}"}))
+    util.get(p.port, "/to-stderr")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and "ACCESS GET /to-stderr 200" not in p.stderr():
+        time.sleep(0.05)
+    assert "ACCESS GET /to-stderr 200" in p.stderr()
+    assert "ACCESS" not in p.stdout()
