@@ -10,7 +10,7 @@ set -euo pipefail
 
 RUNTIME_PKGS=(
     build-essential autoconf automake libtool pkg-config
-    libevent-dev libssl-dev libjansson-dev libjwt-dev libhiredis-dev
+    libevent-dev libssl-dev libjansson-dev libjwt-dev libhiredis-dev libnghttp2-dev
 )
 # Tests (unit, e2e, sanitizers, fuzzing, style), the benchmark, and the
 # tools the scripts call (curl, taskset in util-linux, pkill/fuser, git);
@@ -27,6 +27,7 @@ FULL_PKGS=(
     dpkg-dev debhelper lintian systemd man-db logrotate python3-yaml
     python3-django python3-djangorestframework gunicorn python3-jwt
     python3-cryptography
+    nghttp2-client python3-h2
 )
 
 usage() { echo "usage: $0 [--runtime]" >&2; exit 2; }

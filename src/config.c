@@ -551,13 +551,57 @@ static void parse_client_cert_headers(struct load *ld, json_t *tls, struct confi
     pop(ld);
 }
 
+/* "alpn": the protocols offered, in our order of preference; default
+ * ["h2", "http/1.1"]. Written into o->alpn in ALPN wire format. */
+static void parse_alpn(struct load *ld, json_t *tls, struct tls_server_opts *o)
+{
+    static const char *const protos[] = { "h2", "http/1.1" };
+    char shown[SHOW_BUF];
+    json_t *a = get_typed(ld, tls, "alpn", JSON_ARRAY);
+    size_t n = 0;
+    int seen[2] = { 0, 0 };
+    if (!json_object_get(tls, "alpn")) {
+        memcpy(o->alpn, "\x02h2\x08http/1.1", 12);
+        o->alpn_len = 12;
+        return;
+    }
+    if (!a)
+        return;
+    if (json_array_size(a) == 0) {
+        err_key(ld, "alpn", "must not be empty (offer at least \"http/1.1\")");
+        return;
+    }
+    push_key(ld, "alpn");
+    for (size_t i = 0; i < json_array_size(a); i++) {
+        json_t *v = json_array_get(a, i);
+        push_index(ld, i);
+        int k = -1;
+        for (int j = 0; j < 2 && json_is_string(v); j++)
+            if (strcmp(json_string_value(v), protos[j]) == 0)
+                k = j;
+        if (k < 0)
+            err(ld, "%s is not one of \"h2\", \"http/1.1\"", show(ld, v, shown, sizeof(shown)));
+        else if (seen[k]++)
+            err(ld, "\"%s\" is listed twice", protos[k]);
+        else {
+            size_t len = strlen(protos[k]);
+            o->alpn[n++] = (unsigned char)len;
+            memcpy(o->alpn + n, protos[k], len);
+            n += len;
+        }
+        pop(ld);
+    }
+    pop(ld);
+    o->alpn_len = n;
+}
+
 /* The listener's "tls" block: options first, then the certificates. */
 static void parse_listener_tls(struct load *ld, json_t *tls, struct config_listener *l)
 {
     static const char *const known[] = {
         "certificates", "min_version", "ciphers", "ciphersuites", "client_ca", "verify",
         "client_cert_headers", "session_cache", "session_tickets", "ticket_rotation_s",
-        "handshake_timeout_ms", NULL,
+        "handshake_timeout_ms", "alpn", NULL,
     };
     char why[512], warn[512], shown[SHOW_BUF];
     struct tls_server_opts o = { .session_cache = -1 };
@@ -608,6 +652,7 @@ static void parse_listener_tls(struct load *ld, json_t *tls, struct config_liste
     o.ticket_rotation_s = (int)rot;
     get_timeout(ld, tls, "handshake_timeout_ms", 10000, &l->tls_handshake_timeout_ms);
     o.session_id = l->address;
+    parse_alpn(ld, tls, &o);
     json_t *certs = get_typed(ld, tls, "certificates", JSON_ARRAY);
     if (!json_object_get(tls, "certificates"))
         err_key(ld, "certificates",
@@ -845,6 +890,36 @@ static void parse_limits(struct load *ld, json_t *root)
     get_timeout(ld, obj, "send_timeout_ms", 60000, &l->send_timeout_ms);
     get_timeout(ld, obj, "drain_timeout_ms", 30000, &l->drain_timeout_ms);
     get_timeout(ld, obj, "drain_idle_ms", 1000, &l->drain_idle_ms);
+    pop(ld);
+    json_decref(empty);
+}
+
+static void parse_http2(struct load *ld, json_t *root)
+{
+    static const char *const known[] = {
+        "max_concurrent_streams", "initial_window_size", "connection_window_size",
+        "max_requests", "max_resets_per_s", "reset_burst", "max_control_frames_per_s",
+        "max_empty_frames", "max_continuations", NULL,
+    };
+    struct config_http2 *h = &ld->cfg->http2;
+    json_t *obj = get_typed(ld, root, "http2", JSON_OBJECT);
+    json_t *empty = obj ? NULL : json_object();
+    if (!obj)
+        obj = empty;
+    push_key(ld, "http2");
+    check_keys(ld, obj, known, no_keys);
+    get_int_field(ld, obj, "max_concurrent_streams", 1, 10000, 128, &h->max_concurrent_streams);
+    /* RFC 9113 6.5.2: a window above 2^31-1 is a protocol error. */
+    get_int_field(ld, obj, "initial_window_size", 1024, 16777216, 65535, &h->initial_window_size);
+    get_int_field(ld, obj, "connection_window_size", 65535, 2147483647, 1048576,
+                  &h->connection_window_size);
+    get_int_field(ld, obj, "max_requests", 1, 100000000, 10000, &h->max_requests);
+    get_int_field(ld, obj, "max_resets_per_s", 1, 1000000, 33, &h->max_resets_per_s);
+    get_int_field(ld, obj, "reset_burst", 1, 1000000, 200, &h->reset_burst);
+    get_int_field(ld, obj, "max_control_frames_per_s", 1, 1000000, 100,
+                  &h->max_control_frames_per_s);
+    get_int_field(ld, obj, "max_empty_frames", 0, 1000000, 10, &h->max_empty_frames);
+    get_int_field(ld, obj, "max_continuations", 0, 10000, 8, &h->max_continuations);
     pop(ld);
     json_decref(empty);
 }
@@ -1600,7 +1675,7 @@ static void parse_root(struct load *ld, json_t *root)
 {
     static const char *const fixed[] = {
         "workers", "log_level", "listeners", "limits", "access_log", "trusted_proxies",
-        "via", "upstreams", "routes", "filters", "admin",
+        "via", "upstreams", "routes", "filters", "admin", "http2",
     };
     size_t nfixed = sizeof(fixed) / sizeof(fixed[0]);
     const char *known[sizeof(fixed) / sizeof(fixed[0]) + 64 +
@@ -1630,6 +1705,7 @@ static void parse_root(struct load *ld, json_t *root)
     parse_listeners(ld, root);
     parse_admin(ld, root);
     parse_limits(ld, root);
+    parse_http2(ld, root);
     parse_access_log(ld, root);
     parse_trusted_proxies(ld, root);
     get_bool(ld, root, "via", 0, &ld->cfg->via);

@@ -75,6 +75,19 @@ struct config_endpoint {
     int dns_slot;
 };
 
+/* HTTP/2 to clients (h2.c): the "http2" section. */
+struct config_http2 {
+    int max_concurrent_streams;    /* SETTINGS_MAX_CONCURRENT_STREAMS; default 128 */
+    int initial_window_size;       /* per stream, request bodies; default 65535 */
+    int connection_window_size;    /* whole connection; default 1048576 */
+    int max_requests;              /* streams per connection, then GOAWAY; default 10000 */
+    int max_resets_per_s;          /* client RST_STREAMs per second ... */
+    int reset_burst;               /* ... with this burst; default 33/s, burst 200 */
+    int max_control_frames_per_s;  /* SETTINGS, PING, PRIORITY received; default 100 */
+    int max_empty_frames;          /* consecutive frames carrying nothing; default 10 */
+    int max_continuations;         /* CONTINUATION frames per header block; default 8 */
+};
+
 struct config_upstream {
     char *name;
     size_t index;                  /* position in config.upstreams */
@@ -141,6 +154,7 @@ struct config {
     size_t nlisteners;
     struct config_admin admin;
     struct config_limits limits;
+    struct config_http2 http2;
     struct config_access_log access_log;
     struct cidr *trusted_proxies;
     size_t ntrusted_proxies;

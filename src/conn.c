@@ -7,6 +7,7 @@
 #include "log.h"
 #include "router.h"
 #include "tunnel.h"
+#include "h2.h"
 #include "upstream.h"
 #include "uri.h"
 #include "worker.h"
@@ -161,6 +162,8 @@ void conn_accept(struct worker *w, const struct config_listener *lc, int fd,
 static void conn_free(struct conn *c)
 {
     struct worker *w = c->w;
+    if (c->h2)
+        h2_free(c); /* its streams' conns first: they borrow c->ssl */
     if (c->up) {
         upconn_close(c->up);
         c->up = NULL;
@@ -169,14 +172,21 @@ static void conn_free(struct conn *c)
     event_del(&c->ev);
     event_del(&c->timer);
     event_del(&c->resume_ev);
-    if (c->ssl)
-        tls_close(c->ssl);
     free(c->tls_subject);
     free(c->tls_fp);
-    close(c->fd);
     arena_destroy(&c->arena);
     buf_free(&c->in);
     buf_free(&c->out);
+    if (c->h2s) {
+        h2_stream_gone(c);
+        poolset_put(w, c->ps);
+        config_unref(c->lc_cfg);
+        free(c);
+        return;
+    }
+    if (c->ssl)
+        tls_close(c->ssl);
+    close(c->fd);
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -220,7 +230,15 @@ static int client_flush(struct conn *c)
      * instead of two; the kernel sends it anyway after 200 ms. */
     int more = c->req.rs == RS_BODY_LENGTH && c->sp_len == 0 && c->req.rs_left <= 65536;
     ssize_t wr;
-    if (c->ssl) {
+    if (c->h2s) {
+        wr = h2_stream_write(c, iov, n);
+        if (wr == 0) {
+            c->writable = 0;
+            return 0;
+        }
+        if (wr < 0)
+            errno = EPIPE; /* the client reset the stream */
+    } else if (c->ssl) {
         int stop;
         wr = tls_writev(c->ssl, iov, n, &stop);
         c->tls_wr = stop == TLS_WANT_READ;
@@ -541,6 +559,7 @@ static int conn_handshake(struct conn *c)
                     tls_session_reused(c->ssl) ? "resumed" : "full", NULL, NULL);
         c->readable = 1; /* the request may have come with the Finished message */
         c->idle_since_ms = worker_now_ms(c->w);
+        h2_start(c);
         return 1;
     }
     if (rc == TLS_WANT_READ || rc == TLS_WANT_WRITE) {
@@ -579,6 +598,8 @@ static int client_read(struct conn *c)
 {
     if (!c->readable || c->eof || c->dead)
         return 0;
+    if (c->h2s)
+        return h2_stream_read(c);
     if (c->state == CS_LINGER) {
         char sink[16384];
         ssize_t n = read(c->fd, sink, sizeof(sink));
@@ -776,7 +797,7 @@ static void request_begin(struct conn *c, size_t head_len)
     r->head_len = head_len;
     r->rb_start_ms = worker_now_ms(c->w);
     r->method = arena_strndup(&c->arena, h->method_str.p, h->method_str.len);
-    r->keepalive = !h->conn_close && !worker_draining(c->w);
+    r->keepalive = !h->conn_close && !worker_draining(c->w) && !c->h2s;
     r->has_body = h->chunked || h->content_length > 0;
     r->rb = h->chunked ? RB_CHUNKED : h->content_length > 0 ? RB_LENGTH : RB_NONE;
     r->rb_left = h->content_length > 0 ? (uint64_t)h->content_length : 0;
@@ -1936,6 +1957,10 @@ static int linger_step(struct conn *c)
 {
     if (out_pending(c))
         return 0;
+    if (c->h2s) {
+        c->dead = 1; /* the stream's end is h2.c's business */
+        return 1;
+    }
     if (!c->linger_needed && buf_len(&c->in) == 0) {
         c->dead = 1;
         return 1;
@@ -2032,6 +2057,9 @@ static uint64_t conn_deadline(const struct conn *c)
     case CS_TUNNEL:
         d = min_nz(d, tunnel_deadline(c));
         break;
+    case CS_H2:
+        d = min_nz(d, h2_deadline(c));
+        break;
     }
     return d;
 }
@@ -2110,6 +2138,8 @@ static int conn_timeouts(struct conn *c, uint64_t now)
         return 0;
     case CS_TUNNEL:
         return tunnel_timeouts(c, now);
+    case CS_H2:
+        return h2_timeouts(c, now);
     }
     return 0;
 }
@@ -2169,11 +2199,15 @@ static void conn_pump(struct conn *c)
         case CS_TUNNEL:
             progress |= tunnel_step(c);
             break;
+        case CS_H2:
+            progress |= h2_step(c);
+            break;
         }
         progress |= client_flush(c);
         /* Let other connections run now and then under a flood of
          * pipelined requests, or a tunnel whose both sides never rest. */
-        if (++rounds > 256 && (c->state == CS_HEAD || c->state == CS_TUNNEL)) {
+        if (++rounds > 256 &&
+            (c->state == CS_HEAD || c->state == CS_TUNNEL || c->state == CS_H2)) {
             c->readable = 1;
             event_active(&c->ev, EV_READ, 0);
             break;
@@ -2187,12 +2221,54 @@ static void conn_pump(struct conn *c)
         conn_free(c);
         return;
     }
-    if (c->state == CS_HEAD && !c->head_start_ms && buf_len(&c->in) == 0 && out_pending(c) == 0) {
+    if ((c->state == CS_HEAD || c->state == CS_H2) && !c->head_start_ms && buf_len(&c->in) == 0 &&
+        out_pending(c) == 0) {
         /* Idle keep-alive: give the buffers back. */
         buf_release_if_empty(&c->in);
         buf_release_if_empty(&c->out);
     }
     conn_arm_timer(c);
+}
+
+struct conn *conn_stream_open(struct conn *p, struct h2_stream *st, const char *head, size_t len)
+{
+    struct worker *w = p->w;
+    struct conn *c = xcalloc(1, sizeof(*c));
+    c->w = w;
+    c->ps = poolset_take(w);
+    c->lc = p->lc;
+    c->lc_cfg = config_ref(p->lc_cfg);
+    const struct config_limits *l = &c->ps->cfg->limits;
+    if (len > in_cap(l)) {
+        poolset_put(w, c->ps);
+        config_unref(c->lc_cfg);
+        free(c);
+        return NULL;
+    }
+    c->fd = -1;
+    c->ssl = p->ssl; /* for what the request asks of TLS; never read or written here */
+    c->tls_cert = 0;
+    c->h2s = st;
+    memcpy(&c->peer, &p->peer, sizeof(c->peer));
+    memcpy(c->peer_ip, p->peer_ip, sizeof(c->peer_ip));
+    conn_check_trusted(c);
+    buf_init(&c->in, in_cap(l));
+    buf_init(&c->out, out_cap(l));
+    buf_append(&c->in, head, len);
+    arena_init(&c->arena, 8192);
+    c->req.arena = &c->arena;
+    c->state = CS_HEAD;
+    c->writable = 1;
+    c->readable = 1;
+    c->idle_since_ms = worker_now_ms(w);
+    c->last_write_ms = c->idle_since_ms;
+    c->accept_ms = c->idle_since_ms;
+    event_assign(&c->ev, w->base, -1, 0, on_client_event, c); /* never added */
+    event_assign(&c->timer, w->base, -1, 0, on_timer, c);
+    event_assign(&c->resume_ev, w->base, -1, 0, on_resume, c);
+    request_reset(c);
+    conn_schedule(c);
+    return c;
 }
 
 int conn_trim_idle(struct conn *c, uint64_t idle_before_ms)
@@ -2213,6 +2289,10 @@ int conn_trim_idle(struct conn *c, uint64_t idle_before_ms)
  * "Connection: close"); one idle longer than that closes now. */
 void conn_drain(struct conn *c)
 {
+    if (c->state == CS_H2) {
+        h2_drain(c);
+        return;
+    }
     if (c->state == CS_HEAD && !c->head_start_ms && buf_len(&c->in) == 0) {
         if (worker_now_ms(c->w) >= c->idle_since_ms + idle_limit(c))
             c->dead = 1;

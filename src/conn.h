@@ -43,8 +43,10 @@
 
 struct worker;
 struct upconn;
+struct h2_session;
+struct h2_stream;
 
-enum conn_state { CS_HEAD, CS_REQUEST, CS_LINGER, CS_TUNNEL };
+enum conn_state { CS_HEAD, CS_REQUEST, CS_LINGER, CS_TUNNEL, CS_H2 };
 
 /* One filter of this request's chain and its per-request slot. */
 struct filter_run {
@@ -194,6 +196,8 @@ struct conn {
     uint64_t linger_deadline_ms;
     uint64_t timer_at_ms;          /* when the armed timer fires, 0 if none */
     struct upconn *up;
+    struct h2_session *h2;         /* CS_H2: the HTTP/2 session on this socket */
+    struct h2_stream *h2s;         /* a stream's conn: no socket (fd -1), ssl borrowed */
     struct arena arena;
     struct request req;
     struct conn *prev, *next;      /* worker's list */
@@ -202,6 +206,10 @@ struct conn {
 /* Take ownership of an accepted, non-blocking socket. */
 void conn_accept(struct worker *w, const struct config_listener *lc, int fd,
                  const struct sockaddr *sa, socklen_t salen);
+/* A conn for one HTTP/2 stream of parent, reading head (an HTTP/1.1
+ * request head h2.c made) first; it runs from the next loop turn. */
+struct conn *conn_stream_open(struct conn *parent, struct h2_stream *st, const char *head,
+                              size_t len);
 /* Give back the request arena of a keep-alive connection idle since
  * before idle_before_ms (the worker's tick): idle connections then hold
  * little more than their struct (and, with TLS, the SSL object).

@@ -62,6 +62,8 @@ struct tls_server {
     size_t ncerts;
     SSL_CTX **groups; /* one context per name group; [0] is the default */
     size_t ngroups;
+    unsigned char alpn[16]; /* offered protocols, wire format, our preference first */
+    unsigned alpn_len;
 };
 
 struct tls_client {
@@ -320,13 +322,14 @@ static int on_ticket_key(SSL *ssl, unsigned char key_name[16], unsigned char *iv
 
 /* ---- server callbacks --------------------------------------------------- */
 
+/* Our preference wins: the first protocol of ours the client also offers. */
 static int on_alpn(SSL *ssl, const unsigned char **out, unsigned char *outlen,
                    const unsigned char *in, unsigned int inlen, void *arg)
 {
-    static const unsigned char ours[] = "\x08http/1.1";
+    const struct tls_server *s = arg;
     unsigned char *sel;
-    (void)ssl, (void)arg;
-    if (SSL_select_next_proto(&sel, outlen, ours, sizeof(ours) - 1, in, inlen) !=
+    (void)ssl;
+    if (SSL_select_next_proto(&sel, outlen, s->alpn, s->alpn_len, in, inlen) !=
         OPENSSL_NPN_NEGOTIATED)
         return SSL_TLSEXT_ERR_ALERT_FATAL; /* RFC 7301: no protocol in common */
     *out = sel;
@@ -424,7 +427,7 @@ static int ctx_common(const struct tls_server *s, SSL_CTX *ctx, char *why, size_
         ERR_clear_error();
         return -1;
     }
-    SSL_CTX_set_alpn_select_cb(ctx, on_alpn, NULL);
+    SSL_CTX_set_alpn_select_cb(ctx, on_alpn, (void *)s);
     SSL_CTX_set_tlsext_servername_callback(ctx, on_servername);
     SSL_CTX_set_tlsext_servername_arg(ctx, (void *)s);
     SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, on_ticket_key);
@@ -469,6 +472,13 @@ struct tls_server *tls_server_new(const struct tls_server_opts *o, char *why, si
     s->ticket_rotation_s =
         o->ticket_rotation_s > 0 ? o->ticket_rotation_s : DEFAULT_TICKET_ROTATION_S;
     /* SSL_MAX_SID_CTX_LENGTH is 32: keep the tail, where the port is. */
+    if (o->alpn_len && o->alpn_len <= sizeof(s->alpn)) {
+        memcpy(s->alpn, o->alpn, o->alpn_len);
+        s->alpn_len = (unsigned)o->alpn_len;
+    } else {
+        memcpy(s->alpn, "\x08http/1.1", 9);
+        s->alpn_len = 9;
+    }
     const char *sid = o->session_id ? o->session_id : "portico";
     size_t sl = strlen(sid);
     s->sid = xstrdup(sl > 32 ? sid + sl - 32 : sid);
@@ -956,7 +966,16 @@ void tls_shutdown_write(SSL *ssl)
     }
 }
 
+int tls_conn_is_h2(SSL *ssl)
+{
+    const unsigned char *p;
+    unsigned int n;
+    SSL_get0_alpn_selected(ssl, &p, &n);
+    return n == 2 && p[0] == 'h' && p[1] == '2';
+}
+
 int tls_session_reused(SSL *ssl) { return SSL_session_reused(ssl); }
+
 
 const char *tls_conn_version(SSL *ssl)
 {

@@ -47,6 +47,8 @@ struct tls_server_opts {
     int session_tickets;      /* 1 = on */
     int ticket_rotation_s;    /* 0 = 3600 */
     const char *session_id;   /* session id context (the listener's address) */
+    unsigned char alpn[16];   /* protocols offered, ALPN wire format, our preference first */
+    size_t alpn_len;          /* 0 = "http/1.1" only */
 };
 
 /* Parse "TLSv1", "TLSv1.0" ... "TLSv1.3" into an OpenSSL version, or 0. */
@@ -128,6 +130,8 @@ const char *tls_last_error(SSL *ssl);
 
 /* Protocol version and cipher names (static strings). */
 const char *tls_conn_version(SSL *ssl);
+/* 1 when ALPN chose "h2" in the finished handshake. */
+int tls_conn_is_h2(SSL *ssl);
 /* 1 when the finished handshake resumed a session. */
 int tls_session_reused(SSL *ssl);
 const char *tls_conn_cipher(SSL *ssl);

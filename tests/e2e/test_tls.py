@@ -298,14 +298,26 @@ def test_large_bodies_both_ways(tls_gw, certs):
         assert out["sha256"] == hashlib.sha256(payload).hexdigest()
 
 
-def test_alpn_without_http11_refused(tls_gw, certs):
+def test_alpn_prefers_h2_then_http11(tls_gw, certs):
     _, port, _ = tls_gw()
+    with tls_connect(port, client_ctx(certs, alpn=("h2",))) as s:
+        assert s.selected_alpn_protocol() == "h2"
+    with tls_connect(port, client_ctx(certs, alpn=("http/1.1", "h2"))) as s:
+        assert s.selected_alpn_protocol() == "h2"  # our preference wins
+    with tls_connect(port, client_ctx(certs, alpn=("http/1.1",))) as s:
+        assert s.selected_alpn_protocol() == "http/1.1"
+        assert https_get(s)[0] == 200
+    with tls_connect(port, client_ctx(certs, alpn=None)) as s:
+        assert s.selected_alpn_protocol() is None
+        assert https_get(s)[0] == 200
+
+
+def test_alpn_http11_only_refuses_h2_only_clients(tls_gw, certs):
+    _, port, _ = tls_gw(alpn=["http/1.1"])
     with pytest.raises(ssl.SSLError):
         tls_connect(port, client_ctx(certs, alpn=("h2",)))
     with tls_connect(port, client_ctx(certs, alpn=("h2", "http/1.1"))) as s:
         assert s.selected_alpn_protocol() == "http/1.1"
-    with tls_connect(port, client_ctx(certs, alpn=None)) as s:
-        assert s.selected_alpn_protocol() is None
         assert https_get(s)[0] == 200
 
 
