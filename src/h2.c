@@ -777,9 +777,14 @@ int h2_step(struct conn *c)
             ssize_t rv = nghttp2_session_mem_recv(s->ng, (const uint8_t *)buf_head(&c->in),
                                                   buf_len(&c->in));
             if (rv < 0) {
+                /* Fatal for the session: say so with a GOAWAY, then close. */
                 log_debug("client %s: HTTP/2: %s", c->peer_ip, nghttp2_strerror((int)rv));
                 if (rv == NGHTTP2_ERR_FLOODED)
                     flood(s, "queued_frames");
+                else if (rv == NGHTTP2_ERR_TOO_MANY_CONTINUATIONS)
+                    flood(s, "continuations");
+                else
+                    nghttp2_session_terminate_session(s->ng, NGHTTP2_PROTOCOL_ERROR);
                 s->fatal = 1;
                 buf_consume(&c->in, buf_len(&c->in));
             } else {

@@ -16,6 +16,7 @@ Special paths:
   POST /sink         reads the body streaming; answers {length, sha256}
   POST /slowsink     the same, reading 64 KiB every 20 ms (about 3 MB/s)
   /headers-out?a=b   answers with the given response headers
+  /trailers?a=b      a chunked body "hello" then the given fields as trailers
   /__stats           {connections, requests, events}; not counted itself
   /__fail/N          from now on answer every other request with status N
                      (0: back to normal); ?retry_after=S adds Retry-After: S;
@@ -235,6 +236,13 @@ def handle(sock, addr):
         elif path.startswith("/drip/"):
             q = dict(urllib.parse.parse_qsl(req.query))
             send_drip(sock, int(parts[2]), int(q.get("n", "10")))
+        elif path == "/trailers":
+            tr = urllib.parse.parse_qsl(req.query, keep_blank_values=True)
+            data = httpsrv.build_head(200, [["Content-Type", "text/plain"],
+                                            ["Transfer-Encoding", "chunked"]])
+            data += b"5\r\nhello\r\n0\r\n"
+            data += b"".join(("%s: %s\r\n" % (k, v)).encode() for k, v in tr) + b"\r\n"
+            sock.sendall(data)
         elif path == "/headers-out":
             out_headers = urllib.parse.parse_qsl(req.query, keep_blank_values=True)
             for k, v in out_headers:
