@@ -13,7 +13,7 @@
 #   BENCH_CONNS      wrk connections (default 64)
 #   BENCH_PROXIES    subset/order of "portico nginx haproxy"
 #   BENCH_CASES      subset of "small 4k 64k close filters ratelimit jwt
-#                    resilience tls tlsnew tlsidle" (default: small 4k 64k close).
+#                    resilience tls tlsnew tlsidle h2" (default: small 4k 64k close).
 #                    "filters" measures Portico alone: the route without
 #                    filters vs the same route with request_id, headers
 #                    and cors, and prints the ratio (goal >= 0.95).
@@ -32,6 +32,10 @@
 #                    retries and circuit breakers (goal >= 0.97), then
 #                    the time from an endpoint's death (kill -9 under
 #                    load) to the end of client-visible errors
+#                    "h2": /small over HTTP/2 (TLS, ALPN h2), measured
+#                    with h2load: BENCH_H2_CONNS connections (default 1)
+#                    of BENCH_H2_STREAMS concurrent streams (default 100);
+#                    p50 is h2load's mean, p99 is not measured (0)
 #   BENCH_IDLE_CONNS idle TLS connections for tlsidle (default 5000)
 #   BENCH_PORT_BASE  first of the ports used (default 18800: origin 18800,
 #                    proxies 18801-18810, their TLS listeners 18811-18813)
@@ -84,6 +88,11 @@ for c in "${CASES[@]}"; do
     case $c in
         small | 4k | 64k | close) CMP_CASES+=("$c") ;;
         tls | tlsnew)
+            CMP_CASES+=("$c")
+            TLS=1
+            ;;
+        h2)
+            command -v h2load >/dev/null || die "the h2 case needs h2load: apt-get install nghttp2-client"
             CMP_CASES+=("$c")
             TLS=1
             ;;
@@ -356,7 +365,7 @@ verify_jwt() {
 # ---------------------------------------------------------------- correctness
 
 path_of() {
-    case $1 in small | close | filters | ratelimit | resilience | tls*) echo /small ;; 4k) echo /4k.bin ;; 64k) echo /64k.bin ;; esac
+    case $1 in small | close | filters | ratelimit | resilience | tls* | h2) echo /small ;; 4k) echo /4k.bin ;; 64k) echo /64k.bin ;; esac
 }
 expected_of() {
     case $1 in
@@ -443,9 +452,33 @@ cpu_ticks() {
     echo "$total"
 }
 
+# h2_run PORT SECONDS OUTFILE: h2load's figures, written as wrk writes them
+# (measure reads wrk's format).
+h2_run() {
+    local raw=$3.h2load
+    taskset -c "$LOAD_CPU" h2load -t1 -c"${BENCH_H2_CONNS:-1}" -m"${BENCH_H2_STREAMS:-100}" \
+        -D"$2" "https://127.0.0.1:$1/small" >"$raw" 2>&1 || { cat "$raw" >"$3"; return 1; }
+    awk '
+        /^finished in/ { gsub(/[^0-9.]/, "", $3); secs = $3; rps = $4 }
+        /^requests:/ { done = $8; failed = $10 + $12 + $14 }
+        /^status codes:/ { non2xx = $5 + $7 + $9 }
+        /^time for request:/ { mean = $6 }
+        END {
+            printf "  %d requests in %ss\n", done, secs
+            printf "Requests/sec: %s\n", rps
+            printf "     50%%    %s\n     99%%    0us\n", mean
+            if (non2xx) printf "  Non-2xx or 3xx responses: %d\n", non2xx
+            if (failed) printf "  Socket errors: connect 0, read 0, write 0, timeout %d\n", failed
+        }' "$raw" >"$3"
+}
+
 # wrk_run PORT CASE SECONDS OUTFILE [RUNNER] (the tls* cases take the TLS port)
 wrk_run() {
     local url hdr=() scheme=http
+    if [[ $2 == h2 ]]; then
+        h2_run "$1" "$3" "$4"
+        return
+    fi
     [[ $2 != tls* ]] || scheme=https
     url="$scheme://127.0.0.1:$1$(path_of "$2")"
     [[ $2 != close && $2 != tlsnew ]] || hdr=(-H "Connection: close")
@@ -472,7 +505,7 @@ printf 'case\tproxy\tround\trps\tp50_us\tp99_us\tcpu_pct\tcpu_us_per_req\terrors
 measure() { # measure CASE PROXY ROUND (PROXY: a proxy, or a runner of the jwt case)
     local c=$1 p=$2 r=$3 out=$TMP/wrk-$1-$2-$3.txt proc=${RUNNER_PROC[$2]:-$2}
     local port=${PORT[$proc]}
-    [[ $c != tls* ]] || port=${TLSPORT[$p]}
+    [[ $c != tls* && $c != h2 ]] || port=${TLSPORT[$p]}
     wrk_run "$port" "$c" "$BENCH_WARMUP" "$TMP/warmup.txt" "$p" ||
         die "$p/$c: wrk warm-up failed: $(cat "$TMP/warmup.txt")"
     local t0 t1 n0 n1 rc0=0 rc1=0
