@@ -355,7 +355,8 @@ def test_request_body_with_window_and_slow_upstream(h2gw, cert):
     (s,) = c.wait([sid], timeout=30)
     assert s["status"] == 200, s
     assert json.loads(s["data"])["sha256"] == hashlib.sha256(payload).hexdigest()
-    assert p.hwm_kb() - before < 3000
+    if "ASAN_OPTIONS" not in os.environ:  # ASan's quarantine keeps freed blocks
+        assert p.hwm_kb() - before < 3000, (before, p.hwm_kb())
     c.close()
 
 
