@@ -324,6 +324,22 @@ static void local_head(struct conn *c, int status, const char *ctype, size_t ble
     c->state = CS_REQUEST;
 }
 
+/* gRPC status codes for our own errors (grpc/doc/http-grpc-status-mapping,
+ * with 429 and 413 as RESOURCE_EXHAUSTED, which is what they mean). */
+static int grpc_status_of(int http)
+{
+    switch (http) {
+    case 400: return 13; /* INTERNAL */
+    case 401: return 16; /* UNAUTHENTICATED */
+    case 403: return 7;  /* PERMISSION_DENIED */
+    case 404: return 12; /* UNIMPLEMENTED */
+    case 408: case 504: return 4; /* DEADLINE_EXCEEDED */
+    case 413: case 429: return 8; /* RESOURCE_EXHAUSTED */
+    case 502: case 503: return 14; /* UNAVAILABLE */
+    default: return 2; /* UNKNOWN */
+    }
+}
+
 /* Write the local answer in r->local, after the response hooks of the
  * filters that let the request through (they may edit it, or replace it
  * by answering again). The body must outlive the request's answer (config
@@ -340,6 +356,17 @@ static void local_commit(struct conn *c)
         c->linger_needed = 1;
     }
     struct local_answer a = r->local;
+    if (r->grpc && a.status >= 400) {
+        /* A gRPC client reads errors from grpc-status, not from the HTTP
+         * status: answer "Trailers-Only" (gRPC's HTTP/2 protocol). */
+        size_t el = a.extra ? strlen(a.extra) : 0;
+        char *extra = arena_alloc(&c->arena, el + 96);
+        snprintf(extra, el + 96, "%sgrpc-status: %d\r\ngrpc-message: %s\r\n", a.extra ? a.extra : "",
+                 grpc_status_of(a.status), http_status_reason(a.status));
+        local_head(c, 200, "application/grpc", 0, extra);
+        r->status = a.status; /* logs and metrics keep what went wrong */
+        return;
+    }
     local_head(c, a.status, a.ctype, a.len, a.extra);
     if (method_is_head(c) || !a.len)
         return;
@@ -801,6 +828,8 @@ static void request_begin(struct conn *c, size_t head_len)
     r->has_body = h->chunked || h->content_length > 0;
     r->rb = h->chunked ? RB_CHUNKED : h->content_length > 0 ? RB_LENGTH : RB_NONE;
     r->rb_left = h->content_length > 0 ? (uint64_t)h->content_length : 0;
+    const struct http_header *ct = find_header(h, "content-type");
+    r->grpc = ct && ct->value.len >= 16 && strncasecmp(ct->value.p, "application/grpc", 16) == 0;
 
     struct uri_target t;
     if (uri_parse_target(h->target.p, h->target.len, &t) < 0) {

@@ -106,6 +106,7 @@ struct request {
     size_t authority_len;
     int keepalive;                 /* the client connection persists afterwards */
     int has_body;
+    int grpc;                      /* content-type application/grpc: errors as grpc-status */
     int status;                    /* sent to the client, 0 until known */
     uint64_t start_us, up_start_us, up_end_us;
     uint64_t bytes_in, bytes_out;

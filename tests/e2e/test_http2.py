@@ -650,3 +650,41 @@ def test_alpn_config_errors(portico_bin, tmp_path, cert, alpn, msg):
     f.write_text(json.dumps(cfg))
     r = subprocess.run([portico_bin, "-t", "-c", str(f)], capture_output=True, text=True)
     assert r.returncode == 1 and msg in r.stderr, r.stderr
+
+
+# ---- gRPC: errors from Portico itself ------------------------------------------------
+
+GRPC_HEADERS = [("content-type", "application/grpc"), ("te", "trailers")]
+
+
+def grpc_frame(msg):
+    return b"\x00" + len(msg).to_bytes(4, "big") + msg
+
+
+def test_grpc_errors_from_portico_are_grpc_statuses(h2gw, cert, portico_bin):
+    v = subprocess.run([portico_bin, "-V"], capture_output=True, text=True).stdout
+    routes = [{"path": "/svc.Up/", "upstream": "echo"},
+              {"path": "/svc.Down/", "upstream": "down"}]
+    if "ip_access" in v:
+        routes.append({"path": "/svc.Denied/", "upstream": "echo",
+                       "filters": [{"ip_access": {"deny": ["127.0.0.0/8"]}}]})
+    _, port, _, _ = h2gw(routes=routes,
+                         upstreams={"down": {"endpoints": ["127.0.0.1:%d" % free_port()]}})
+    c = H2Client(port, cert)
+    body = grpc_frame(b"\x0a\x03abc")
+    want = {"/svc.Nope/Call": "12", "/svc.Down/Call": "14"}
+    if "ip_access" in v:
+        want["/svc.Denied/Call"] = "7"
+    sids = {path: c.request(path, method="POST", headers=GRPC_HEADERS, body=body)
+            for path in want}
+    plain = c.request("/svc.Nope/Call")  # not gRPC: a plain 404
+    for path, sid in sids.items():
+        (s,) = c.wait([sid])
+        h = dict(s["headers"])
+        assert s["status"] == 200 and s["ended"] and s["data"] == b"", (path, s)
+        assert h["content-type"] == "application/grpc"
+        assert h["grpc-status"] == want[path], (path, h)
+        assert h["grpc-message"]
+    (p,) = c.wait([plain])
+    assert p["status"] == 404 and "grpc-status" not in dict(p["headers"])
+    c.close()
