@@ -1064,7 +1064,7 @@ static void parse_upstream_tls(struct load *ld, json_t *tls, struct config_upstr
     static const char *const known[] = { "verify", "ca", "sni", "cert", "key", NULL };
     static const char *const which_key[] = { "ca", "cert", "key" };
     char why[512];
-    struct tls_client_opts o = { .verify = 1 };
+    struct tls_client_opts o = { .verify = 1, .h2 = u->h2 };
     if (json_is_false(tls))
         return;
     if (!json_is_true(tls) && !json_is_object(tls)) {
@@ -1110,7 +1110,7 @@ static void parse_upstream(struct load *ld, json_t *obj, struct config_upstream 
         "timeout_ms",         "keepalive", "keepalive_timeout_ms",
         "keepalive_requests", "tls",       "retry",
         "circuit_breaker",    "health_check", "hash_on",
-        "max_requests",       "max_pending",  "dns",       NULL,
+        "max_requests",       "max_pending",  "dns",       "protocol", NULL,
     };
     static const char *const later[] = { NULL };
 
@@ -1125,7 +1125,21 @@ static void parse_upstream(struct load *ld, json_t *obj, struct config_upstream 
     get_int_field(ld, obj, "keepalive", 0, 10000, 64, &u->keepalive);
     get_timeout(ld, obj, "keepalive_timeout_ms", 30000, &u->keepalive_timeout_ms);
     get_int_field(ld, obj, "keepalive_requests", 1, 1000000000, 10000, &u->keepalive_requests);
+    json_t *proto = get_string(ld, obj, "protocol");
     json_t *tls = json_object_get(obj, "tls");
+    if (proto) {
+        const char *p = json_string_value(proto);
+        char shown[SHOW_BUF];
+        if (strcmp(p, "h2c") == 0 || strcmp(p, "h2") == 0)
+            u->h2 = 1;
+        else if (strcmp(p, "http/1.1") != 0)
+            err_key(ld, "protocol", "%s is not one of \"http/1.1\", \"h2c\", \"h2\"",
+                    show(ld, proto, shown, sizeof(shown)));
+        if (strcmp(p, "h2") == 0 && (!tls || json_is_false(tls)))
+            err_key(ld, "protocol", "\"h2\" is HTTP/2 over TLS: it needs \"tls\" (or use \"h2c\")");
+        if (strcmp(p, "h2c") == 0 && tls && !json_is_false(tls))
+            err_key(ld, "protocol", "\"h2c\" is HTTP/2 in the clear: with \"tls\", use \"h2\"");
+    }
     if (tls) {
         push_key(ld, "tls");
         parse_upstream_tls(ld, tls, u);

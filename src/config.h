@@ -99,6 +99,7 @@ struct config_upstream {
     int keepalive_timeout_ms;      /* idle pooled connection lifetime; default 30000 */
     int keepalive_requests;        /* requests per upstream connection; default 10000 */
     struct tls_client *tls;        /* NULL: plain HTTP to the endpoints */
+    int h2;                        /* "protocol": "h2c" or "h2" (h2up.h); default HTTP/1.1 */
     struct resil_upstream *resil;  /* balancer, retries, breaker, health (resil.h) */
 };
 

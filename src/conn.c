@@ -8,6 +8,7 @@
 #include "router.h"
 #include "tunnel.h"
 #include "h2.h"
+#include "h2up.h"
 #include "upstream.h"
 #include "uri.h"
 #include "worker.h"
@@ -1407,6 +1408,8 @@ static int upstream_flush(struct conn *c)
     struct upconn *u = c->up;
     if (!u || u->state != UP_ACTIVE || !u->writable || c->req.up_write_failed)
         return 0;
+    if (u->pool->up->h2)
+        return h2up_flush(c, u);
     size_t olen = buf_len(&u->out);
     if (olen + u->span_len == 0)
         return 0;
@@ -1474,6 +1477,8 @@ static int upstream_read(struct conn *c, int *eof)
 {
     struct upconn *u = c->up;
     *eof = 0;
+    if (u && u->state == UP_ACTIVE && u->pool->up->h2)
+        return h2up_read(c, u, eof);
     if (!u || u->state != UP_ACTIVE || !u->readable)
         return 0;
     size_t space = buf_make_room(&u->in);

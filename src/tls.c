@@ -682,8 +682,11 @@ struct tls_client *tls_client_new(const struct tls_client_opts *o, char *why, si
                               SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     SSL_CTX_set_read_ahead(ctx, 1);
     SSL_CTX_set_default_passwd_cb(ctx, no_passphrase);
-    static const unsigned char alpn[] = "\x08http/1.1";
-    SSL_CTX_set_alpn_protos(ctx, alpn, sizeof(alpn) - 1);
+    static const unsigned char alpn[] = "\x08http/1.1", alpn_h2[] = "\x02h2";
+    if (o->h2)
+        SSL_CTX_set_alpn_protos(ctx, alpn_h2, sizeof(alpn_h2) - 1);
+    else
+        SSL_CTX_set_alpn_protos(ctx, alpn, sizeof(alpn) - 1);
     *which = 0;
     if (o->ca) {
         FILE *f = fopen(o->ca, "r");

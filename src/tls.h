@@ -83,6 +83,7 @@ struct tls_client_opts {
     const char *ca;         /* PEM bundle; NULL = the system's */
     const char *sni;        /* server name sent and verified; NULL = none */
     const char *cert, *key; /* client certificate for mutual TLS, or NULL */
+    int h2;                 /* offer ALPN "h2" (and only it) instead of "http/1.1" */
 };
 
 /* Returns NULL with why set (*which: 0 = ca, 1 = cert, 2 = key). */

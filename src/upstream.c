@@ -1,4 +1,5 @@
 #include "upstream.h"
+#include "h2up.h"
 #include "log.h"
 #include "resil.h"
 #include "worker.h"
@@ -119,6 +120,13 @@ void upconn_release(struct upconn *u)
     }
     /* Pending input (bytes nobody asked for, or the upstream's FIN) means
      * the connection cannot carry another exchange. */
+    if (p->up->h2) {
+        /* The session read what the socket had; it says if it can go on. */
+        if (h2up_reusable(u))
+            u->readable = 0;
+        else
+            u->rdhup = 1;
+    }
     if (p->nidle >= p->up->keepalive || u->requests >= p->up->keepalive_requests ||
         buf_len(&u->in) || buf_len(&u->out) || u->readable || u->rdhup ||
         (u->ssl && tls_pending(u->ssl)) || worker_draining(p->w)) {
@@ -140,6 +148,7 @@ void upconn_release(struct upconn *u)
 
 void upconn_close(struct upconn *u)
 {
+    h2up_free(u);
     event_del(&u->ev);
     if (u->ssl)
         tls_close(u->ssl);

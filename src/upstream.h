@@ -24,6 +24,7 @@
 struct worker;
 struct conn;
 struct pool;
+struct h2up;
 
 enum upconn_state { UP_CONNECTING, UP_ACTIVE, UP_IDLE };
 
@@ -45,6 +46,7 @@ struct upconn {
     uint32_t addr_gen;          /* of a host name endpoint's address (resil.h) */
     uint64_t idle_since_ms;
     struct upconn *prev, *next; /* pool idle list */
+    struct h2up *h2;            /* an HTTP/2 upstream's session (h2up.h), made on first use */
 };
 
 /* One pool per (upstream, endpoint) per worker. */

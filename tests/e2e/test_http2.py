@@ -688,3 +688,120 @@ def test_grpc_errors_from_portico_are_grpc_statuses(h2gw, cert, portico_bin):
     (p,) = c.wait([plain])
     assert p["status"] == 404 and "grpc-status" not in dict(p["headers"])
     c.close()
+
+
+# ---- gRPC: HTTP/2 upstreams ("protocol": "h2c" / "h2") ------------------------------
+
+
+def grpc_messages(data):
+    out = []
+    while len(data) >= 5:
+        n = int.from_bytes(data[1:5], "big")
+        out.append(data[5:5 + n])
+        data = data[5 + n:]
+    return out
+
+
+@pytest.fixture
+def grpc_gw(h2gw, upstream, cert):
+    def start(tls=False):
+        args = ("--tls-cert", cert[0], "--tls-key", cert[1]) if tls else ()
+        g = upstream("grpc_h2.py", *args)
+        up = {"endpoints": [g.addr], "protocol": "h2" if tls else "h2c"}
+        if tls:
+            up["tls"] = {"ca": cert[0], "sni": "h2.test"}
+        p, port, _, admin = h2gw(routes=[{"path": "/test.Echo/", "upstream": "grpc"},
+                                         {"path": "/", "upstream": "echo"}],
+                                 upstreams={"grpc": up})
+        return p, port, g
+
+    return start
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["h2c", "h2"])
+def test_grpc_unary_and_streaming_through_portico(grpc_gw, cert, tls):
+    _, port, _ = grpc_gw(tls=tls)
+    c = H2Client(port, cert)
+    unary = c.request("/test.Echo/Unary", method="POST", headers=GRPC_HEADERS,
+                      body=grpc_frame(b"hello grpc"))
+    server = c.request("/test.Echo/ServerStream", method="POST", headers=GRPC_HEADERS,
+                       body=grpc_frame(b"5"))
+    client = c.request("/test.Echo/ClientStream", method="POST", headers=GRPC_HEADERS,
+                       body=b"".join(grpc_frame(b"x" * i) for i in range(1, 11)))
+    fail = c.request("/test.Echo/Fail", method="POST", headers=GRPC_HEADERS,
+                     body=grpc_frame(b""))
+    ru, rs, rc, rf = c.wait([unary, server, client, fail])
+    for r in (ru, rs, rc):
+        assert r["status"] == 200 and r["ended"], r
+        h = dict(r["headers"])
+        assert h["content-type"] == "application/grpc"
+        assert h["x-seen-te"] == "trailers"  # gRPC servers require it
+        assert dict(r["trailers"])["grpc-status"] == "0", r
+    assert grpc_messages(ru["data"]) == [b"hello grpc"]
+    assert grpc_messages(rs["data"]) == [b"0", b"1", b"2", b"3", b"4"]
+    assert grpc_messages(rc["data"]) == [b"10:55"]
+    # Trailers-Only from the upstream stays one HEADERS frame with the status
+    hf = dict(rf["headers"])
+    assert rf["status"] == 200 and hf["grpc-status"] == "5" and hf["grpc-message"] == "no such thing"
+    assert rf["data"] == b"" and rf["trailers"] is None
+    c.close()
+
+
+def test_grpc_bidi_messages_flow_both_ways_before_the_end(grpc_gw, cert):
+    _, port, _ = grpc_gw()
+    c = H2Client(port, cert)
+    sid = c.request("/test.Echo/Bidi", method="POST", headers=GRPC_HEADERS, end=False)
+    for i in range(3):
+        c.send_body(sid, grpc_frame(b"ping %d" % i), end=False)
+        deadline = time.time() + 5
+        while len(grpc_messages(c.stream(sid)["data"])) < i + 1 and time.time() < deadline:
+            c.pump(0.2)
+        # each answer arrives while the request is still open
+        assert grpc_messages(c.stream(sid)["data"])[i] == b"ping %d" % i
+    c.conn.end_stream(sid)
+    c.flush()
+    (s,) = c.wait([sid])
+    assert s["ended"] and dict(s["trailers"])["grpc-status"] == "0"
+    c.close()
+
+
+def test_grpc_many_calls_reuse_upstream_connections(grpc_gw, cert):
+    _, port, g = grpc_gw()
+    c = H2Client(port, cert)
+    for _round in range(3):
+        sids = [c.request("/test.Echo/Unary", method="POST", headers=GRPC_HEADERS,
+                          body=grpc_frame(b"m%d" % i)) for i in range(20)]
+        for i, s in enumerate(c.wait(sids)):
+            assert grpc_messages(s["data"]) == [b"m%d" % i], s
+            assert dict(s["trailers"])["grpc-status"] == "0"
+    c.close()
+    r = subprocess.run([CURL, "-s", "--http2-prior-knowledge", "http://%s/__stats" % g.addr],
+                       capture_output=True, text=True, timeout=10)
+    stats = json.loads(r.stdout)
+    assert stats["streams"] >= 60
+    assert stats["connections"] <= 25  # pooled, not one per call
+
+
+def test_grpc_upstream_down_is_unavailable(h2gw, cert):
+    _, port, _, _ = h2gw(routes=[{"path": "/test.Echo/", "upstream": "grpc"}],
+                         upstreams={"grpc": {"endpoints": ["127.0.0.1:%d" % free_port()],
+                                             "protocol": "h2c"}})
+    c = H2Client(port, cert)
+    (s,) = c.wait([c.request("/test.Echo/Unary", method="POST", headers=GRPC_HEADERS,
+                             body=grpc_frame(b"x"))])
+    assert s["status"] == 200 and dict(s["headers"])["grpc-status"] == "14"
+    c.close()
+
+
+@pytest.mark.parametrize("up,msg", [
+    ({"protocol": "h3"}, "upstreams.u.protocol"),
+    ({"protocol": "h2"}, "needs \"tls\""),
+    ({"protocol": "h2c", "tls": True}, "use \"h2\""),
+])
+def test_upstream_protocol_config_errors(portico_bin, tmp_path, up, msg):
+    cfg = make_config(routes=[{"path": "/", "upstream": "u"}],
+                      upstreams={"u": dict({"endpoints": ["127.0.0.1:9"]}, **up)})
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps(cfg))
+    r = subprocess.run([portico_bin, "-t", "-c", str(f)], capture_output=True, text=True)
+    assert r.returncode == 1 and msg in r.stderr, r.stderr
