@@ -351,8 +351,10 @@ static ssize_t read_body(nghttp2_session *ng, int32_t id, uint8_t *dst, size_t l
     size_t n = buf_len(&st->body);
     if (n > len)
         n = len;
-    memcpy(dst, buf_head(&st->body), n);
-    buf_consume(&st->body, n);
+    if (n) {
+        memcpy(dst, buf_head(&st->body), n);
+        buf_consume(&st->body, n);
+    }
     if (n)
         out_decode(st);
     if (buf_len(&st->body) == 0 && st->complete) {

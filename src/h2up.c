@@ -43,7 +43,8 @@ static void pend_put(struct h2up *h, const void *p, size_t n)
             cap *= 2;
         struct buf nb;
         buf_init(&nb, cap);
-        buf_append(&nb, buf_head(&h->pend), buf_len(&h->pend));
+        if (buf_len(&h->pend))
+            buf_append(&nb, buf_head(&h->pend), buf_len(&h->pend));
         buf_free(&h->pend);
         h->pend = nb;
     }
@@ -173,8 +174,10 @@ static ssize_t read_body(nghttp2_session *ng, int32_t id, uint8_t *dst, size_t l
     size_t n = buf_len(&h->body);
     if (n > len)
         n = len;
-    memcpy(dst, buf_head(&h->body), n);
-    buf_consume(&h->body, n);
+    if (n) {
+        memcpy(dst, buf_head(&h->body), n);
+        buf_consume(&h->body, n);
+    }
     if (!buf_len(&h->body) && h->rq == RQ_DONE) {
         *flags |= NGHTTP2_DATA_FLAG_EOF;
         return (ssize_t)n;
@@ -379,7 +382,8 @@ int h2up_flush(struct conn *c, struct upconn *u)
             /* a frame larger than the room left: grow once for it */
             struct buf nb;
             buf_init(&nb, buf_len(&h->wire) + (size_t)n);
-            buf_append(&nb, buf_head(&h->wire), buf_len(&h->wire));
+            if (buf_len(&h->wire))
+                buf_append(&nb, buf_head(&h->wire), buf_len(&h->wire));
             buf_free(&h->wire);
             h->wire = nb;
         }
