@@ -50,6 +50,7 @@ struct h2_stream {
     nghttp2_nv *trailers;
     size_t ntrailers;
     unsigned submitted : 1, deferred : 1, complete : 1, closed : 1, reset : 1, failed : 1;
+    unsigned sc_gone : 1;         /* its conn wrote all it will write */
 };
 
 struct h2_session {
@@ -63,6 +64,8 @@ struct h2_session {
     uint64_t idle_since_ms;
     uint64_t ctl_start_ms, rst_tokens_ms;
     unsigned ctl_count, empty_run;
+    int32_t heading_id;           /* a header block is being received ... */
+    uint64_t heading_ms;          /* ... since then (limits.header_timeout_ms) */
     double rst_tokens;
     unsigned goaway : 1, calm : 1, fatal : 1, dying : 1;
 };
@@ -92,8 +95,16 @@ static void stream_free(struct h2_stream *st)
         s->streams = st->next;
     if (st->next)
         st->next->prev = st->prev;
-    if (!s->dying && st->id)
-        nghttp2_session_set_stream_user_data(s->ng, st->id, NULL);
+    if (!s->dying) {
+        if (!st->closed)
+            nghttp2_session_set_stream_user_data(s->ng, st->id, NULL);
+        /* DATA nobody will take still counts against the connection's
+         * window: give it back, or the connection stalls. */
+        if (buf_len(&st->pend))
+            nghttp2_session_consume_connection(s->ng, buf_len(&st->pend));
+        if (s->heading_id == st->id)
+            s->heading_id = 0;
+    }
     buf_free(&st->pend);
     buf_free(&st->raw);
     buf_free(&st->body);
@@ -332,6 +343,15 @@ static void out_decode(struct h2_stream *st)
             break;
         }
     }
+    if (st->sc_gone && !st->complete && !buf_len(&st->raw) && !st->failed && !st->closed) {
+        /* Everything its conn wrote is decoded and the answer is not whole. */
+        if (st->out == OUT_CLOSE) {
+            st->out = OUT_DONE; /* the end of the conn was the end of the body */
+            st->complete = 1;
+        } else {
+            stream_reset(st, NGHTTP2_INTERNAL_ERROR); /* cut short: never a clean end */
+        }
+    }
     if (st->deferred && (buf_len(&st->body) || st->complete) && !st->failed && !st->closed) {
         st->deferred = 0;
         nghttp2_session_resume_data(s->ng, st->id);
@@ -468,14 +488,21 @@ static size_t make_head(struct h2_stream *st, char *out, size_t cap, int *bad)
 static int on_begin_headers(nghttp2_session *ng, const nghttp2_frame *f, void *ud)
 {
     struct h2_session *s = ud;
-    if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST)
+    if (f->hd.type != NGHTTP2_HEADERS)
+        return 0;
+    s->heading_id = f->hd.stream_id; /* until on_frame_recv has the whole block */
+    s->heading_ms = now_ms(s);
+    if (f->headers.cat != NGHTTP2_HCAT_REQUEST)
         return 0;
     struct h2_stream *st = xcalloc(1, sizeof(*st));
     st->s = s;
     st->id = f->hd.stream_id;
     arena_init(&st->arena, 2048);
     st->fields_tail = &st->fields;
-    buf_init(&st->pend, (size_t)s->lim.initial_window_size);
+    /* Before our SETTINGS are acknowledged the client may use the
+     * protocol's default window. */
+    buf_init(&st->pend, s->lim.initial_window_size > 65535 ? (size_t)s->lim.initial_window_size
+                                                           : 65535);
     buf_init(&st->raw, s->max_head);
     buf_init(&st->body, 16384);
     st->next = s->streams;
@@ -583,6 +610,8 @@ static int on_frame_recv(nghttp2_session *ng, const nghttp2_frame *f, void *ud)
     int end = (f->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
     switch (f->hd.type) {
     case NGHTTP2_HEADERS:
+        if (s->heading_id == f->hd.stream_id)
+            s->heading_id = 0;
         if (!st)
             break;
         if (f->headers.cat == NGHTTP2_HCAT_REQUEST)
@@ -666,7 +695,6 @@ static int on_stream_close(nghttp2_session *ng, int32_t id, uint32_t code, void 
         return 0;
     st->closed = 1;
     nghttp2_session_set_stream_user_data(ng, id, NULL);
-    st->id = 0;
     if (!st->sc) {
         stream_free(st);
         return 0;
@@ -831,9 +859,14 @@ int h2_step(struct conn *c)
 uint64_t h2_deadline(const struct conn *c)
 {
     const struct h2_session *s = c->h2;
+    const struct config_limits *l = &c->ps->cfg->limits;
+    /* A header block must arrive whole before any other frame, so at most
+     * one is pending: a client that stops in the middle holds the
+     * connection, and gets header_timeout_ms for it. */
+    if (s->heading_id)
+        return s->heading_ms + (uint64_t)l->header_timeout_ms;
     if (s->live)
         return 0;
-    const struct config_limits *l = &c->ps->cfg->limits;
     uint64_t idle = (uint64_t)l->idle_timeout_ms;
     if (worker_draining(c->w) && (uint64_t)l->drain_idle_ms < idle)
         idle = (uint64_t)l->drain_idle_ms;
@@ -844,7 +877,16 @@ int h2_timeouts(struct conn *c, uint64_t now)
 {
     struct h2_session *s = c->h2;
     uint64_t d = h2_deadline(c);
-    if (!d || now < d || s->goaway)
+    if (!d || now < d)
+        return 0;
+    if (s->heading_id) {
+        log_debug("client %s: HTTP/2 header block timeout", c->peer_ip);
+        s->heading_id = 0;
+        s->goaway = 1;
+        nghttp2_session_terminate_session(s->ng, NGHTTP2_NO_ERROR);
+        return 1;
+    }
+    if (s->goaway)
         return 0;
     s->goaway = 1;
     nghttp2_submit_goaway(s->ng, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(s->ng),
@@ -919,8 +961,9 @@ int h2_stream_read(struct conn *c)
         took += n;
         progress = 1;
     }
-    if (took && !st->closed) {
-        nghttp2_session_consume(s->ng, st->id, took); /* WINDOW_UPDATE goes out */
+    if (took) {
+        /* WINDOW_UPDATE goes out (the connection's even if the stream closed) */
+        nghttp2_session_consume(s->ng, st->id, took);
         wake_session(s);
     }
     if (st->req_ended && st->chunked_in && !st->final_chunk && !buf_len(&st->pend) &&
@@ -963,15 +1006,9 @@ void h2_stream_gone(struct conn *c)
         stream_free(st);
         return;
     }
-    if (!st->complete && st->out == OUT_CLOSE && buf_len(&st->raw) == 0) {
-        st->out = OUT_DONE; /* the end of the conn was the end of the body */
-        st->complete = 1;
-    }
-    if (!st->complete)
-        stream_reset(st, NGHTTP2_INTERNAL_ERROR); /* cut short: never a clean end */
-    else if (st->deferred && !buf_len(&st->body)) {
-        st->deferred = 0;
-        nghttp2_session_resume_data(s->ng, st->id);
-    }
+    /* What it wrote may still wait in st->raw for the peer's window:
+     * out_decode finishes the stream, cleanly or not, once that is done. */
+    st->sc_gone = 1;
+    out_decode(st);
     wake_session(s);
 }

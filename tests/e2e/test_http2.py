@@ -307,6 +307,26 @@ def test_concurrent_streams_answered_in_any_order(h2gw, cert):
     c.close()
 
 
+def test_slow_reader_gets_the_whole_body(h2gw, cert):
+    """The upstream is done long before the client has read: what waits in
+    Portico for the client's window must still arrive, and end cleanly."""
+    _, port, _, _ = h2gw()
+    c = H2Client(port, cert)
+    sids = [c.request("/big/300000"), c.request("/bigchunked/200000")]
+    time.sleep(0.5)  # the window closes; the upstream has sent everything
+    deadline = time.time() + 20
+    while time.time() < deadline and not all(c.stream(s)["ended"] or c.stream(s)["reset"]
+                                              for s in sids):
+        c.pump(0.2)
+        time.sleep(0.01)
+    big, chunked = c.stream(sids[0]), c.stream(sids[1])
+    assert big["reset"] is None and big["ended"]
+    assert big["data"] == (bytes(range(256)) * 1172)[:300000]
+    assert chunked["reset"] is None and chunked["ended"]
+    assert chunked["data"] == (bytes(range(256)) * 782)[:200000]
+    c.close()
+
+
 def test_head_204_304_and_no_connection_fields(h2gw, cert):
     _, port, _, _ = h2gw()
     c = H2Client(port, cert)  # h2 validates inbound headers: connection fields would raise
@@ -463,6 +483,26 @@ def test_idle_connection_goaway(h2gw, cert):
     ga = c.wait_goaway(5)
     assert ga is not None and ga.error_code == 0
     assert 0.2 < time.time() - t0 < 3
+    c.close()
+
+
+def test_header_block_never_finished_times_out(h2gw, cert):
+    _, port, _, _ = h2gw(limits={"header_timeout_ms": 500})
+    c = H2Client(port, cert)
+    block = hpack.Encoder().encode([(":method", "GET"), (":scheme", "https"),
+                                    (":authority", "h2.test"), (":path", "/stuck")])
+    hf = hyperframe.frame.HeadersFrame(1)
+    hf.data = block[:5]  # no END_HEADERS, and no CONTINUATION ever
+    c.send_raw(hf.serialize())
+    t0 = time.time()
+    read_until_goaway(c.sock, timeout=5)
+    c.sock.settimeout(3)
+    try:
+        while c.sock.recv(65536):
+            pass
+    except (socket.timeout, OSError, ssl.SSLError):
+        pass
+    assert time.time() - t0 < 3  # closed by the header timeout, not left open
     c.close()
 
 
