@@ -396,6 +396,78 @@ def test_header_list_too_large_431_and_host_mismatch_400(h2gw, cert):
     c.close()
 
 
+MALFORMED = {
+    # RFC 9113 8.2 / 8.3: each makes the request malformed (a stream error)
+    "uppercase-name": [(":method", "GET"), (":scheme", "https"), (":authority", "h2.test"),
+                       (":path", "/m"), ("X-Upper", "1")],
+    "connection-header": [(":method", "GET"), (":scheme", "https"), (":authority", "h2.test"),
+                          (":path", "/m"), ("connection", "keep-alive")],
+    "te-not-trailers": [(":method", "GET"), (":scheme", "https"), (":authority", "h2.test"),
+                        (":path", "/m"), ("te", "gzip")],
+    "pseudo-after-regular": [(":method", "GET"), (":scheme", "https"), ("x-a", "1"),
+                             (":authority", "h2.test"), (":path", "/m")],
+    "missing-path": [(":method", "GET"), (":scheme", "https"), (":authority", "h2.test")],
+    "duplicate-method": [(":method", "GET"), (":method", "POST"), (":scheme", "https"),
+                         (":authority", "h2.test"), (":path", "/m")],
+    "unknown-pseudo": [(":method", "GET"), (":scheme", "https"), (":authority", "h2.test"),
+                       (":path", "/m"), (":foo", "bar")],
+    "empty-path": [(":method", "GET"), (":scheme", "https"), (":authority", "h2.test"),
+                   (":path", "")],
+    "newline-in-value": [(":method", "GET"), (":scheme", "https"), (":authority", "h2.test"),
+                         (":path", "/m"), ("x-a", "1\r\nx-b: 2")],
+    "space-in-path": [(":method", "GET"), (":scheme", "https"), (":authority", "h2.test"),
+                      (":path", "/a b")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_requests_refused_never_forwarded(h2gw, cert, case):
+    _, port, echo, _ = h2gw()
+    before = echo.stats()["requests"]
+    c = H2Client(port, cert)
+    hf = hyperframe.frame.HeadersFrame(1)
+    hf.data = hpack.Encoder().encode(MALFORMED[case])
+    hf.flags.add("END_HEADERS")
+    hf.flags.add("END_STREAM")
+    c.send_raw(hf.serialize())
+    buf, outcome = b"", None
+    deadline = time.time() + 5
+    c.sock.settimeout(1)
+    while outcome is None and time.time() < deadline:
+        try:
+            d = c.sock.recv(65536)
+        except socket.timeout:
+            continue
+        if not d:
+            outcome = "closed"
+            break
+        buf += d
+        for f in raw_frames(buf):
+            if isinstance(f, hyperframe.frame.RstStreamFrame) and f.stream_id == 1:
+                outcome = "reset"
+            elif isinstance(f, hyperframe.frame.GoAwayFrame):
+                outcome = "goaway"
+            elif isinstance(f, hyperframe.frame.HeadersFrame) and f.stream_id == 1:
+                status = hpack.Decoder().decode(f.data)
+                outcome = "status %s" % dict(status).get(":status")
+    assert outcome in ("reset", "goaway", "closed", "status 400"), outcome
+    c.close()
+    assert echo.stats()["requests"] == before  # nothing reached the upstream
+    assert curl(port, cert, "/after")[:2] == ("2", 200)
+
+
+def test_content_length_mismatch_is_a_stream_error(h2gw, cert):
+    _, port, echo, _ = h2gw()
+    c = H2Client(port, cert, validate=False)
+    sid = c.request("/sink", method="POST", headers=[("content-length", "10")],
+                    body=b"0123456789ABCDEF")
+    (s,) = c.wait([sid])
+    assert s["reset"] is not None or (s["status"] or 0) >= 400, s
+    ok = c.request("/ok")
+    assert c.wait([ok])[0]["status"] == 200
+    c.close()
+
+
 def test_filters_apply_to_streams(h2gw, cert, portico_bin):
     v = subprocess.run([portico_bin, "-V"], capture_output=True, text=True).stdout
     if "ip_access" not in v:
@@ -562,7 +634,7 @@ def test_rapid_reset_flood_goaway_bounded(h2gw, cert):
     assert curl(port, cert, "/after")[:2] == ("2", 200)
 
 
-@pytest.mark.parametrize("kind", ["ping", "settings"])
+@pytest.mark.parametrize("kind", ["ping", "settings", "priority"])
 def test_control_frame_flood_goaway(h2gw, cert, kind):
     p, port, _, admin = h2gw()
     c = H2Client(port, cert)
@@ -571,6 +643,10 @@ def test_control_frame_flood_goaway(h2gw, cert, kind):
         if kind == "ping":
             f = hyperframe.frame.PingFrame(0)
             f.opaque_data = b"%08d" % i
+        elif kind == "priority":
+            f = hyperframe.frame.PriorityFrame(1 + 2 * (i % 50))
+            f.depends_on = 0
+            f.stream_weight = 15
         else:
             f = hyperframe.frame.SettingsFrame(0)
             f.settings = {hyperframe.frame.SettingsFrame.INITIAL_WINDOW_SIZE: 65535}
