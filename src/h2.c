@@ -29,20 +29,20 @@ struct h2_stream {
     struct h2_session *s;
     struct h2_stream *prev, *next;
     int32_t id;
-    struct conn *sc;              /* its conn; NULL before and after */
-    struct arena arena;           /* fields and trailers */
+    struct conn *sc;    /* its conn; NULL before and after */
+    struct arena arena; /* fields and trailers */
     /* request */
     struct h2_field *fields, **fields_tail;
     size_t nfields, field_bytes;
     const char *method, *path, *authority;
     size_t method_len, path_len, authority_len;
-    struct buf pend;              /* DATA the conn has not taken yet */
+    struct buf pend; /* DATA the conn has not taken yet */
     unsigned too_large : 1, has_length : 1, chunked_in : 1, final_chunk : 1, req_ended : 1;
     unsigned is_head : 1;
     /* response */
     enum out_state out;
-    struct buf raw;               /* the conn's HTTP/1.1, not yet parsed */
-    struct buf body;              /* body bytes waiting for the peer's window */
+    struct buf raw;  /* the conn's HTTP/1.1, not yet parsed */
+    struct buf body; /* body bytes waiting for the peer's window */
     uint64_t out_left;
     struct http_chunked ch;
     struct http_response resp;
@@ -50,29 +50,32 @@ struct h2_stream {
     nghttp2_nv *trailers;
     size_t ntrailers;
     unsigned submitted : 1, deferred : 1, complete : 1, closed : 1, reset : 1, failed : 1;
-    unsigned sc_gone : 1;         /* its conn wrote all it will write */
+    unsigned sc_gone : 1; /* its conn wrote all it will write */
 };
 
 struct h2_session {
     struct conn *c;
     nghttp2_session *ng;
-    struct config_http2 lim;      /* copied: the conn keeps its config */
+    struct config_http2 lim; /* copied: the conn keeps its config */
     size_t max_field_bytes, max_fields, max_head;
     struct h2_stream *streams;
-    unsigned live;                /* streams not yet closed or with a conn */
+    unsigned live; /* streams not yet closed or with a conn */
     uint64_t requests;
     uint64_t idle_since_ms;
     uint64_t ctl_start_ms, rst_tokens_ms;
     unsigned ctl_count, empty_run;
-    int32_t heading_id;           /* a header block is being received ... */
-    uint64_t heading_ms;          /* ... since then (limits.header_timeout_ms) */
+    int32_t heading_id;  /* a header block is being received ... */
+    uint64_t heading_ms; /* ... since then (limits.header_timeout_ms) */
     double rst_tokens;
     unsigned goaway : 1, calm : 1, fatal : 1, dying : 1;
 };
 
 /* ---- helpers ------------------------------------------------------------ */
 
-static uint64_t now_ms(const struct h2_session *s) { return worker_now_ms(s->c->w); }
+static uint64_t now_ms(const struct h2_session *s)
+{
+    return worker_now_ms(s->c->w);
+}
 
 static void wake_session(struct h2_session *s)
 {
@@ -165,7 +168,8 @@ static void count_reset(struct h2_session *s)
 static int has_bad_byte(const uint8_t *p, size_t n, int space_too)
 {
     for (size_t i = 0; i < n; i++)
-        if (p[i] == '\r' || p[i] == '\n' || p[i] == 0 || (space_too && (p[i] <= ' ' || p[i] == 0x7f)))
+        if (p[i] == '\r' || p[i] == '\n' || p[i] == 0 ||
+            (space_too && (p[i] <= ' ' || p[i] == 0x7f)))
             return 1;
     return 0;
 }
@@ -187,8 +191,8 @@ static void lower(char *p, size_t n)
             p[i] = (char)(p[i] + 32);
 }
 
-static ssize_t read_body(nghttp2_session *ng, int32_t id, uint8_t *dst, size_t len,
-                         uint32_t *flags, nghttp2_data_source *src, void *ud);
+static ssize_t read_body(nghttp2_session *ng, int32_t id, uint8_t *dst, size_t len, uint32_t *flags,
+                         nghttp2_data_source *src, void *ud);
 static void out_decode(struct h2_stream *st);
 
 /* The response head is at the front of st->raw (hlen bytes): submit it. */
@@ -209,8 +213,7 @@ static void submit_head(struct h2_stream *st, size_t hlen)
         nva[n++] = (nghttp2_nv){ (uint8_t *)h->name.p, (uint8_t *)h->value.p, h->name.len,
                                  h->value.len, NGHTTP2_NV_FLAG_NONE };
     }
-    enum http_body_kind kind =
-        http_response_body_kind(r, st->is_head ? HTTP_M_HEAD : HTTP_M_GET);
+    enum http_body_kind kind = http_response_body_kind(r, st->is_head ? HTTP_M_HEAD : HTTP_M_GET);
     st->out = kind == HTTP_BODY_LENGTH    ? OUT_LENGTH
               : kind == HTTP_BODY_CHUNKED ? OUT_CHUNKED
               : kind == HTTP_BODY_NONE    ? OUT_DONE
@@ -255,7 +258,10 @@ static void add_trailer(struct h2_stream *st, const char *line, size_t len)
                       (size_t)(e - v), NGHTTP2_NV_FLAG_NONE };
 }
 
-static size_t room(const struct buf *b) { return b->cap - buf_len(b); }
+static size_t room(const struct buf *b)
+{
+    return b->cap - buf_len(b);
+}
 
 /* Parse what the stream's conn wrote: head, then body into st->body. */
 static void out_decode(struct h2_stream *st)
@@ -322,7 +328,8 @@ static void out_decode(struct h2_stream *st)
             if (view > room(&st->body))
                 view = room(&st->body);
             const char *data = NULL;
-            int rc = http_chunked_decode(&st->ch, buf_head(&st->raw), view, &consumed, &data, &dlen);
+            int rc =
+                http_chunked_decode(&st->ch, buf_head(&st->raw), view, &consumed, &data, &dlen);
             if (rc == HTTP_CHUNK_ERROR) {
                 stream_reset(st, NGHTTP2_INTERNAL_ERROR);
                 break;
@@ -363,8 +370,8 @@ static void out_decode(struct h2_stream *st)
     }
 }
 
-static ssize_t read_body(nghttp2_session *ng, int32_t id, uint8_t *dst, size_t len,
-                         uint32_t *flags, nghttp2_data_source *src, void *ud)
+static ssize_t read_body(nghttp2_session *ng, int32_t id, uint8_t *dst, size_t len, uint32_t *flags,
+                         nghttp2_data_source *src, void *ud)
 {
     struct h2_stream *st = src->ptr;
     (void)ng, (void)id, (void)ud;
@@ -501,8 +508,8 @@ static int on_begin_headers(nghttp2_session *ng, const nghttp2_frame *f, void *u
     st->fields_tail = &st->fields;
     /* Before our SETTINGS are acknowledged the client may use the
      * protocol's default window. */
-    buf_init(&st->pend, s->lim.initial_window_size > 65535 ? (size_t)s->lim.initial_window_size
-                                                           : 65535);
+    buf_init(&st->pend,
+             s->lim.initial_window_size > 65535 ? (size_t)s->lim.initial_window_size : 65535);
     buf_init(&st->raw, s->max_head);
     buf_init(&st->body, 16384);
     st->next = s->streams;
@@ -520,8 +527,8 @@ static int on_begin_headers(nghttp2_session *ng, const nghttp2_frame *f, void *u
     return 0;
 }
 
-static int on_header(nghttp2_session *ng, const nghttp2_frame *f, const uint8_t *name,
-                     size_t nlen, const uint8_t *value, size_t vlen, uint8_t flags, void *ud)
+static int on_header(nghttp2_session *ng, const nghttp2_frame *f, const uint8_t *name, size_t nlen,
+                     const uint8_t *value, size_t vlen, uint8_t flags, void *ud)
 {
     struct h2_session *s = ud;
     (void)flags;
@@ -605,8 +612,8 @@ static void stream_begin(struct h2_session *s, struct h2_stream *st, int end_str
 static int on_frame_recv(nghttp2_session *ng, const nghttp2_frame *f, void *ud)
 {
     struct h2_session *s = ud;
-    struct h2_stream *st = f->hd.stream_id ? nghttp2_session_get_stream_user_data(ng, f->hd.stream_id)
-                                           : NULL;
+    struct h2_stream *st =
+        f->hd.stream_id ? nghttp2_session_get_stream_user_data(ng, f->hd.stream_id) : NULL;
     int end = (f->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
     switch (f->hd.type) {
     case NGHTTP2_HEADERS:
@@ -652,8 +659,8 @@ static int on_begin_frame(nghttp2_session *ng, const nghttp2_frame_hd *hd, void 
 {
     struct h2_session *s = ud;
     (void)ng;
-    int carrier = hd->type == NGHTTP2_DATA || hd->type == NGHTTP2_HEADERS ||
-                  hd->type == NGHTTP2_CONTINUATION;
+    int carrier =
+        hd->type == NGHTTP2_DATA || hd->type == NGHTTP2_HEADERS || hd->type == NGHTTP2_CONTINUATION;
     if (carrier && hd->length == 0 && !(hd->flags & NGHTTP2_FLAG_END_STREAM)) {
         if (++s->empty_run > (unsigned)s->lim.max_empty_frames)
             flood(s, "empty_frames");
@@ -804,8 +811,8 @@ int h2_step(struct conn *c)
         if (s->calm || s->fatal) {
             buf_consume(&c->in, buf_len(&c->in)); /* we stopped listening */
         } else {
-            ssize_t rv = nghttp2_session_mem_recv(s->ng, (const uint8_t *)buf_head(&c->in),
-                                                  buf_len(&c->in));
+            ssize_t rv =
+                nghttp2_session_mem_recv(s->ng, (const uint8_t *)buf_head(&c->in), buf_len(&c->in));
             if (rv < 0) {
                 /* Fatal for the session: say so with a GOAWAY, then close. */
                 log_debug("client %s: HTTP/2: %s", c->peer_ip, nghttp2_strerror((int)rv));

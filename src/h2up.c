@@ -17,22 +17,28 @@ enum rq_state { RQ_HEAD, RQ_LENGTH, RQ_CHUNKED, RQ_DONE };
 
 struct h2up {
     nghttp2_session *ng;
-    struct buf wire;          /* frames not yet on the socket */
-    struct buf body;          /* request body bytes for the data provider */
-    struct buf pend;          /* HTTP/1.1 response bytes waiting for room in u->in */
-    size_t unconsumed;        /* DATA bytes received, window not reopened yet */
-    int32_t sid;              /* the stream of the request in flight, 0 none */
+    struct buf wire;   /* frames not yet on the socket */
+    struct buf body;   /* request body bytes for the data provider */
+    struct buf pend;   /* HTTP/1.1 response bytes waiting for room in u->in */
+    size_t unconsumed; /* DATA bytes received, window not reopened yet */
+    int32_t sid;       /* the stream of the request in flight, 0 none */
     enum rq_state rq;
     uint64_t rq_left;
     struct http_chunked rq_ch;
-    int status;               /* of the response head being read */
+    int status; /* of the response head being read */
     unsigned deferred : 1, head_out : 1, ended : 1, reset : 1, broken : 1, is_head : 1;
     unsigned chunked_out : 1;
 };
 
-static struct h2up *session_of(struct upconn *u) { return u->h2; }
+static struct h2up *session_of(struct upconn *u)
+{
+    return u->h2;
+}
 
-static size_t room(const struct buf *b) { return b->cap - buf_len(b); }
+static size_t room(const struct buf *b)
+{
+    return b->cap - buf_len(b);
+}
 
 /* Append to pend, growing it: the window bounds what the upstream sends. */
 static void pend_put(struct h2up *h, const void *p, size_t n)
@@ -64,8 +70,8 @@ static int on_begin_headers(nghttp2_session *ng, const nghttp2_frame *f, void *u
     return 0;
 }
 
-static int on_header(nghttp2_session *ng, const nghttp2_frame *f, const uint8_t *name,
-                     size_t nlen, const uint8_t *value, size_t vlen, uint8_t flags, void *ud)
+static int on_header(nghttp2_session *ng, const nghttp2_frame *f, const uint8_t *name, size_t nlen,
+                     const uint8_t *value, size_t vlen, uint8_t flags, void *ud)
 {
     struct h2up *h = ud;
     (void)ng, (void)flags;
@@ -166,8 +172,8 @@ static int on_stream_close(nghttp2_session *ng, int32_t id, uint32_t code, void 
     return 0;
 }
 
-static ssize_t read_body(nghttp2_session *ng, int32_t id, uint8_t *dst, size_t len,
-                         uint32_t *flags, nghttp2_data_source *src, void *ud)
+static ssize_t read_body(nghttp2_session *ng, int32_t id, uint8_t *dst, size_t len, uint32_t *flags,
+                         nghttp2_data_source *src, void *ud)
 {
     struct h2up *h = src->ptr;
     (void)ng, (void)id, (void)ud;
