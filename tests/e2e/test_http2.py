@@ -594,6 +594,19 @@ def test_sigterm_finishes_open_stream(h2gw, cert):
 # ---- floods ----------------------------------------------------------------------
 
 
+def flood_expect_calm(c, data, admin, kind):
+    """Send data in one go (the server may close while we write); the
+    answer must be GOAWAY ENHANCE_YOUR_CALM, counted under kind."""
+    try:
+        c.send_raw(bytes(data))
+    except OSError:
+        pass
+    ga = read_until_goaway(c.sock)
+    assert ga is not None and ga.error_code == ENHANCE_YOUR_CALM
+    c.close()
+    assert metric(admin, 'portico_http2_floods_total{kind="%s"}' % kind) >= 1
+
+
 def _cpu_s(pid):
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -651,14 +664,7 @@ def test_control_frame_flood_goaway(h2gw, cert, kind):
             f = hyperframe.frame.SettingsFrame(0)
             f.settings = {hyperframe.frame.SettingsFrame.INITIAL_WINDOW_SIZE: 65535}
         out += f.serialize()
-    try:
-        c.send_raw(bytes(out))
-    except OSError:
-        pass
-    ga = read_until_goaway(c.sock)
-    assert ga is not None and ga.error_code == ENHANCE_YOUR_CALM
-    c.close()
-    assert metric(admin, 'portico_http2_floods_total{kind="control_frames"}') >= 1
+    flood_expect_calm(c, out, admin, "control_frames")
     assert curl(port, cert, "/after")[:2] == ("2", 200)
 
 
@@ -680,14 +686,7 @@ def test_empty_data_frame_flood_goaway(h2gw, cert):
     out = bytearray()
     for _ in range(500):
         out += hyperframe.frame.DataFrame(sid).serialize()  # no payload, no END_STREAM
-    try:
-        c.send_raw(bytes(out))
-    except OSError:
-        pass
-    ga = read_until_goaway(c.sock)
-    assert ga is not None and ga.error_code == ENHANCE_YOUR_CALM
-    c.close()
-    assert metric(admin, 'portico_http2_floods_total{kind="empty_frames"}') >= 1
+    flood_expect_calm(c, out, admin, "empty_frames")
 
 
 def test_continuation_flood_closes(h2gw, cert):
