@@ -19,6 +19,7 @@
 #include "config_internal.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <netinet/in.h>
@@ -434,12 +435,42 @@ static int has_ctl(const char *s)
 
 static const char *const no_keys[] = { NULL };
 
+long config_cpu_quota(const char *cpu_max)
+{
+    long long quota, period;
+    if (sscanf(cpu_max, "%lld %lld", &quota, &period) != 2 || quota <= 0 || period <= 0)
+        return 0; /* "max 100000": no limit */
+    return (long)((quota + period - 1) / period);
+}
+
+/* The CPUs this process may use: those of its affinity mask (taskset,
+ * cpusets), and no more than its cgroup's CPU quota (a container's CPU
+ * limit), rounded up. */
+static long usable_cpus(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0)
+        n = CPU_COUNT(&set);
+    FILE *f = fopen("/sys/fs/cgroup/cpu.max", "r"); /* cgroup v2 */
+    if (f) {
+        char line[64];
+        if (fgets(line, sizeof(line), f)) {
+            long q = config_cpu_quota(line);
+            if (q > 0 && q < n)
+                n = q;
+        }
+        fclose(f);
+    }
+    return n;
+}
+
 static void parse_workers(struct load *ld, json_t *root)
 {
     long long w;
     get_int(ld, root, "workers", 0, 256, 0, &w);
     if (w == 0) {
-        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        long n = usable_cpus();
         w = n < 1 ? 1 : n > 256 ? 256 : n;
     }
     ld->cfg->workers = (int)w;

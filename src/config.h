@@ -88,6 +88,11 @@ struct config_http2 {
     int max_continuations;         /* CONTINUATION frames per header block; default 8 */
 };
 
+/* "workers": 0 takes the CPUs the process may use; a cgroup v2
+ * "cpu.max" line ("200000 100000") gives its quota in CPUs, rounded up,
+ * or 0 when there is none ("max 100000"). */
+long config_cpu_quota(const char *cpu_max);
+
 struct config_upstream {
     char *name;
     size_t index;                  /* position in config.upstreams */

@@ -1,4 +1,6 @@
 /* Tests for src/config.c and src/addr.c. */
+#define _GNU_SOURCE
+#include <sched.h>
 #include "testlib.h"
 
 #include <arpa/inet.h>
@@ -253,10 +255,19 @@ static void test_workers_auto(void)
     struct config *c = EXPECT_OK("{'workers': 0, " LISTEN ", 'routes': [" RESPOND_ROUTE "]}");
     if (c) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
+        cpu_set_t set;
+        if (sched_getaffinity(0, sizeof(set), &set) == 0)
+            n = CPU_COUNT(&set);
         CHECK(c->workers >= 1);
-        CHECK_EQ_INT(c->workers, n < 1 ? 1 : n > 256 ? 256 : n);
+        CHECK(c->workers <= (n > 256 ? 256 : n));
     }
     config_unref(c);
+    CHECK_EQ_INT(config_cpu_quota("max 100000\n"), 0);
+    CHECK_EQ_INT(config_cpu_quota("200000 100000\n"), 2);
+    CHECK_EQ_INT(config_cpu_quota("150000 100000"), 2); /* 1.5 CPUs: round up */
+    CHECK_EQ_INT(config_cpu_quota("50000 100000"), 1);
+    CHECK_EQ_INT(config_cpu_quota("garbage"), 0);
+    CHECK_EQ_INT(config_cpu_quota("0 100000"), 0);
 }
 
 static void test_unknown_keys(void)
