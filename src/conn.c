@@ -1919,7 +1919,9 @@ static int request_step(struct conn *c)
             request_head_done(c); /* answered while paused */
             progress = 1;
         }
-        if (c->sp_len == 0) {
+        /* Done once written: the log counts the bytes that went out (an
+         * answer given while paused is committed here, not yet flushed). */
+        if (out_pending(c) == 0) {
             r->rs = RS_DONE;
             progress = 1;
         }

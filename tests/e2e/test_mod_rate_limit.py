@@ -4,6 +4,7 @@ processes started here: one combined limit for two Portico processes,
 Redis killed and restarted, SCRIPT FLUSH, a paused Redis costing at most the
 timeout, the over-limit memo (no Redis call for a key known to be over), a
 client leaving while its request waits on Redis, and a Sentinel failover."""
+import json
 import os
 import shutil
 import signal
@@ -233,6 +234,11 @@ def test_redis_exact_then_recovers(portico, redis):
     assert statuses(p.port, 2, c) == [200, 429]
     assert util.wait_until(lambda: '"rate_limit":"allowed"' in p.stdout(), 2)
     assert "fallback" not in p.stdout()
+    # answers decided after Redis replied (the request was paused) log the
+    # bytes that went out, like any other
+    entries = [json.loads(ln) for ln in p.stdout().splitlines() if ln.startswith("{")]
+    refused = [e for e in entries if e.get("status") == 429]
+    assert refused and all(e["bytes_out"] > 100 for e in refused), refused
 
 
 def test_two_instances_share_one_limit(portico, redis):
