@@ -460,8 +460,10 @@ static void request_metrics(struct conn *c, uint64_t duration_us)
     const char *route = r->route ? r->route->name : "";
     metrics_add(m, "portico_requests_total", 1, "route", route, "method",
                 r->method ? method_class(r) : "other", "code", status_class(r->status));
-    metrics_observe_us(m, "portico_request_duration_seconds", duration_us, "route", route, NULL,
-                       NULL);
+    /* A tunnel's life is not a request's latency (it has its own series). */
+    if (r->status != 101)
+        metrics_observe_us(m, "portico_request_duration_seconds", duration_us, "route", route,
+                           NULL, NULL);
     if (r->up_start_us && r->ep && r->resp.status && r->route && r->route->upstream) {
         const char *up = r->route->upstream->name;
         metrics_add(m, "portico_upstream_requests_total", 1, "upstream", up, "endpoint",

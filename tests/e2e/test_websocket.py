@@ -209,6 +209,9 @@ def test_echo_both_ways_and_close(ws_gw):
     assert st == 200
     assert 'portico_websocket_tunnels_opened_total{route="routes[0]"} 1' in text, text
     assert 'portico_websocket_tunnels_closed_total{route="routes[0]",reason=' in text, text
+    # the tunnel counts as a request, but its life is not a request latency
+    assert 'portico_requests_total{route="routes[0]",method="GET",code="1xx"} 1' in text, text
+    assert 'portico_request_duration_seconds_count{route="routes[0]"}' not in text, text
 
 
 def test_server_starts_close(ws_gw):
