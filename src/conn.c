@@ -432,45 +432,93 @@ static void request_reset(struct conn *c)
     c->head_start_ms = 0;
 }
 
-static const char *method_class(const struct request *r)
+/* Method classes of portico_requests_total, in route_series order. */
+static const char *const method_names[8] = { "GET",   "HEAD",    "POST",  "PUT",
+                                             "DELETE", "PATCH", "OPTIONS", "other" };
+
+static int method_class(const struct request *r)
 {
+    if (!r->method)
+        return 7;
     switch (r->head.method) {
-    case HTTP_M_GET: return "GET";
-    case HTTP_M_HEAD: return "HEAD";
-    case HTTP_M_POST: return "POST";
-    case HTTP_M_PUT: return "PUT";
-    case HTTP_M_DELETE: return "DELETE";
-    case HTTP_M_PATCH: return "PATCH";
-    case HTTP_M_OPTIONS: return "OPTIONS";
-    default: return "other";
+    case HTTP_M_GET: return 0;
+    case HTTP_M_HEAD: return 1;
+    case HTTP_M_POST: return 2;
+    case HTTP_M_PUT: return 3;
+    case HTTP_M_DELETE: return 4;
+    case HTTP_M_PATCH: return 5;
+    case HTTP_M_OPTIONS: return 6;
+    default: return 7;
     }
 }
 
-static const char *status_class(int status)
-{
-    static const char *const cls[] = { "0xx", "1xx", "2xx", "3xx", "4xx", "5xx" };
-    return status >= 100 && status < 600 ? cls[status / 100] : cls[0];
-}
+static const char *const status_names[6] = { "0xx", "1xx", "2xx", "3xx", "4xx", "5xx" };
 
-/* Per-request series on the worker's own table (no lock, see metrics.h). */
+static int status_class(int status) { return status >= 100 && status < 600 ? status / 100 : 0; }
+
+/* Per-request series on the worker's own table (no lock, see metrics.h),
+ * found once per route, method and status class, then kept in the
+ * worker's set for this configuration: no string hashing per request. */
 static void request_metrics(struct conn *c, uint64_t duration_us)
 {
     struct request *r = &c->req;
     struct metrics *m = &c->w->metrics;
+    struct poolset *ps = c->ps;
+    const struct config *cfg = ps->cfg;
+    if (!ps->route_series)
+        ps->route_series = xcalloc(cfg->nroutes + 1, sizeof(*ps->route_series));
+    /* A route of another configuration (a reload between the request's
+     * start and its end) is not in this set: look it up by name. */
+    size_t ri = r->route && r->route->index < cfg->nroutes && cfg->routes[r->route->index] == r->route
+                    ? r->route->index
+                    : cfg->nroutes;
     const char *route = r->route ? r->route->name : "";
-    metrics_add(m, "portico_requests_total", 1, "route", route, "method",
-                r->method ? method_class(r) : "other", "code", status_class(r->status));
-    /* A tunnel's life is not a request's latency (it has its own series). */
-    if (r->status != 101)
-        metrics_observe_us(m, "portico_request_duration_seconds", duration_us, "route", route,
-                           NULL, NULL);
+    struct route_series *rs = &ps->route_series[ri];
+    int mi = method_class(r), sc = status_class(r->status);
+    if (ri == cfg->nroutes && r->route) {
+        metrics_add(m, "portico_requests_total", 1, "route", route, "method", method_names[mi],
+                    "code", status_names[sc]);
+        if (r->status != 101)
+            metrics_observe_us(m, "portico_request_duration_seconds", duration_us, "route", route,
+                               NULL, NULL);
+    } else {
+        if (!rs->req[mi][sc])
+            rs->req[mi][sc] = metrics_counter(m, "portico_requests_total", "route", route, "method",
+                                              method_names[mi], "code", status_names[sc]);
+        metrics_series_add(rs->req[mi][sc], 1);
+        /* A tunnel's life is not a request's latency (it has its own series). */
+        if (r->status != 101) {
+            if (!rs->duration)
+                rs->duration =
+                    metrics_histogram(m, "portico_request_duration_seconds", "route", route, NULL, NULL);
+            metrics_series_observe_us(rs->duration, duration_us);
+        }
+    }
     if (r->up_start_us && r->ep && r->resp.status && r->route && r->route->upstream) {
-        const char *up = r->route->upstream->name;
-        metrics_add(m, "portico_upstream_requests_total", 1, "upstream", up, "endpoint",
-                    r->ep->address, "code", status_class(r->resp.status));
-        metrics_observe_us(m, "portico_upstream_duration_seconds",
-                           (r->up_end_us ? r->up_end_us : now_us()) - r->up_start_us, "upstream",
-                           up, NULL, NULL);
+        const struct config_upstream *u = r->route->upstream;
+        uint64_t us = (r->up_end_us ? r->up_end_us : now_us()) - r->up_start_us;
+        int uc = status_class(r->resp.status);
+        size_t ei = (size_t)(r->ep - u->endpoints);
+        struct pool *p = u->index < cfg->nupstreams && &cfg->upstreams[u->index] == u &&
+                                 ei < u->nendpoints
+                             ? &ps->pools[u->index][ei]
+                             : NULL;
+        if (!p) {
+            metrics_add(m, "portico_upstream_requests_total", 1, "upstream", u->name, "endpoint",
+                        r->ep->address, "code", status_names[uc]);
+            metrics_observe_us(m, "portico_upstream_duration_seconds", us, "upstream", u->name, NULL,
+                               NULL);
+            return;
+        }
+        if (!p->req_series[uc])
+            p->req_series[uc] = metrics_counter(m, "portico_upstream_requests_total", "upstream",
+                                                u->name, "endpoint", r->ep->address, "code",
+                                                status_names[uc]);
+        metrics_series_add(p->req_series[uc], 1);
+        if (!p->duration_series)
+            p->duration_series =
+                metrics_histogram(m, "portico_upstream_duration_seconds", "upstream", u->name, NULL, NULL);
+        metrics_series_observe_us(p->duration_series, us);
     }
 }
 

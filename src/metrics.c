@@ -178,15 +178,41 @@ static void bump(uint64_t *p, uint64_t n)
     __atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
 }
 
-void metrics_add(struct metrics *m, const char *name, uint64_t n, const char *k1, const char *v1,
-                 const char *k2, const char *v2, const char *k3, const char *v3)
+void metrics_series_add(struct metric_series *s, uint64_t n) { bump(&s->value, n); }
+
+void metrics_series_observe_us(struct metric_series *s, uint64_t us)
+{
+    size_t b = 0;
+    while (b < METRICS_BUCKETS - 1 && us > bucket_us[b])
+        b++;
+    bump(&s->hist.bucket[b], 1);
+    bump(&s->hist.count, 1);
+    bump(&s->hist.sum_us, us);
+}
+
+struct metric_series *metrics_counter(struct metrics *m, const char *name, const char *k1,
+                                      const char *v1, const char *k2, const char *v2,
+                                      const char *k3, const char *v3)
 {
     const char *k[3] = { k1, k1 ? k2 : NULL, k1 && k2 ? k3 : NULL };
     const char *v[3] = { v1, v2, v3 };
+    return series(m, METRIC_COUNTER, name, k, v);
+}
+
+struct metric_series *metrics_histogram(struct metrics *m, const char *name, const char *k1,
+                                        const char *v1, const char *k2, const char *v2)
+{
+    const char *k[3] = { k1, k1 ? k2 : NULL, NULL };
+    const char *v[3] = { v1, v2, NULL };
+    return series(m, METRIC_HISTOGRAM, name, k, v);
+}
+
+void metrics_add(struct metrics *m, const char *name, uint64_t n, const char *k1, const char *v1,
+                 const char *k2, const char *v2, const char *k3, const char *v3)
+{
     if (m->shared)
         pthread_mutex_lock(&m->lock);
-    struct metric_series *s = series(m, METRIC_COUNTER, name, k, v);
-    bump(&s->value, n);
+    metrics_series_add(metrics_counter(m, name, k1, v1, k2, v2, k3, v3), n);
     if (m->shared)
         pthread_mutex_unlock(&m->lock);
 }
@@ -194,17 +220,9 @@ void metrics_add(struct metrics *m, const char *name, uint64_t n, const char *k1
 void metrics_observe_us(struct metrics *m, const char *name, uint64_t us, const char *k1,
                         const char *v1, const char *k2, const char *v2)
 {
-    const char *k[3] = { k1, k1 ? k2 : NULL, NULL };
-    const char *v[3] = { v1, v2, NULL };
     if (m->shared)
         pthread_mutex_lock(&m->lock);
-    struct metric_series *s = series(m, METRIC_HISTOGRAM, name, k, v);
-    size_t b = 0;
-    while (b < METRICS_BUCKETS - 1 && us > bucket_us[b])
-        b++;
-    bump(&s->hist.bucket[b], 1);
-    bump(&s->hist.count, 1);
-    bump(&s->hist.sum_us, us);
+    metrics_series_observe_us(metrics_histogram(m, name, k1, v1, k2, v2), us);
     if (m->shared)
         pthread_mutex_unlock(&m->lock);
 }

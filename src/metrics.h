@@ -56,6 +56,17 @@ void metrics_observe_us(struct metrics *m, const char *name, uint64_t us, const 
 void metrics_register(struct metrics *m);
 void metrics_unregister(struct metrics *m);
 
+/* A series kept by its caller, for the hot path: found (or created) once
+ * with its labels, then updated without hashing a string. Only for a
+ * worker's own table, from its thread; valid while the table lives. */
+struct metric_series *metrics_counter(struct metrics *m, const char *name, const char *k1,
+                                      const char *v1, const char *k2, const char *v2,
+                                      const char *k3, const char *v3);
+struct metric_series *metrics_histogram(struct metrics *m, const char *name, const char *k1,
+                                        const char *v1, const char *k2, const char *v2);
+void metrics_series_add(struct metric_series *s, uint64_t n);
+void metrics_series_observe_us(struct metric_series *s, uint64_t us);
+
 /* The sum of a counter's series whose labels include (k1, v1) and, when
  * k2 is not NULL, (k2, v2), over every table. */
 uint64_t metrics_sum(const char *name, const char *k1, const char *v1, const char *k2,

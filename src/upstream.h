@@ -25,6 +25,7 @@ struct worker;
 struct conn;
 struct pool;
 struct h2up;
+struct metric_series;
 
 enum upconn_state { UP_CONNECTING, UP_ACTIVE, UP_IDLE };
 
@@ -57,6 +58,7 @@ struct pool {
     struct upconn *idle;        /* most recently used first */
     int nidle;
     void *tls_session;          /* TLS upstream: the session to resume (tls.h) */
+    struct metric_series *req_series[6], *duration_series; /* request_metrics, lazily */
 };
 
 /* Take an idle connection, or start a new one (state CONNECTING).

@@ -225,6 +225,7 @@ static void poolset_free(struct poolset *ps)
     }
     free(ps->pools);
     free(ps->rr);
+    free(ps->route_series);
     config_unref(ps->cfg);
     free(ps);
 }

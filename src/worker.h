@@ -29,8 +29,15 @@ struct worker_listener {
  * request, so a reload never changes a request in flight; a set replaced
  * by a reload is freed, with its config reference, once no connection
  * uses it. */
+/* A route's request series on this worker's table (request_metrics). */
+struct route_series {
+    struct metric_series *req[8][6]; /* [method class][status class] */
+    struct metric_series *duration;
+};
+
 struct poolset {
     struct config *cfg;           /* one reference */
+    struct route_series *route_series; /* [route index], [nroutes] for no route; lazily */
     struct pool **pools;          /* pools[upstream index][endpoint index] */
     uint32_t *rr;                 /* round-robin position per upstream */
     int users;                    /* connections on this set */
