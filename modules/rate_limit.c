@@ -883,6 +883,34 @@ static const char *rl_part_value(struct request *r, const struct rl_part *p, siz
     return v;
 }
 
+/* A SHA-256 context per thread, made once: EVP_Digest would allocate and
+ * free one per key. */
+static pthread_key_t rl_sha_key;
+static pthread_once_t rl_sha_once = PTHREAD_ONCE_INIT;
+
+static void rl_sha_free(void *c)
+{
+    EVP_MD_CTX_free(c);
+}
+
+static void rl_sha_init(void)
+{
+    if (pthread_key_create(&rl_sha_key, rl_sha_free) != 0)
+        die("rate_limit: pthread_key_create failed");
+}
+
+static EVP_MD_CTX *rl_sha_ctx(void)
+{
+    pthread_once(&rl_sha_once, rl_sha_init);
+    EVP_MD_CTX *c = pthread_getspecific(rl_sha_key);
+    if (!c) {
+        c = EVP_MD_CTX_new();
+        if (!c || pthread_setspecific(rl_sha_key, c) != 0)
+            die("rate_limit: out of memory");
+    }
+    return c;
+}
+
 /* The digest of a key expression's values for this request, or -1 when a
  * part is missing: SHA-256 for Redis (the same in every instance), SipHash
  * in its first 8 bytes for the local backend (cheaper). */
@@ -912,7 +940,10 @@ static int rl_key_digest(struct request *r, const struct rl_keyexpr *k, int sha,
         return 0;
     }
     unsigned char d[32];
-    rl_digest(rl_md_sha256, buf, off, d);
+    EVP_MD_CTX *c = rl_sha_ctx();
+    if (!EVP_DigestInit_ex2(c, rl_md_sha256, NULL) || !EVP_DigestUpdate(c, buf, off) ||
+        !EVP_DigestFinal_ex(c, d, NULL))
+        die("rate_limit: digest failed");
     memcpy(out, d, RL_DIGEST);
     return 0;
 }
@@ -1054,17 +1085,16 @@ struct rl_worker {
  * timed out) only clears its slot. */
 struct rl_batch {
     struct rl_worker *w;
-    struct rl_batch *next; /* in w's filling or waiting list */
-    struct event *timer;   /* timeout_ms from the send; NULL once nobody waits */
-    int evalled;           /* already resent as EVAL after NOSCRIPT */
-    size_t n, cap;         /* slots used, slots */
-    size_t attached;       /* slots whose request still waits */
-    size_t nkeys;          /* keys of all slots (set when sent) */
-    struct rl_req **q;     /* per slot; NULL once the request stopped waiting */
-    unsigned char *nk;     /* keys per slot (set when sent) */
-    int argc;
-    const char **argv; /* one block with argvlen and the strings */
-    size_t *argvlen;
+    struct rl_batch *next;     /* in w's filling or waiting list */
+    struct event *timer;       /* timeout_ms from the send; NULL once nobody waits */
+    int evalled;               /* already resent as EVAL after NOSCRIPT */
+    size_t n, cap;             /* slots used, slots */
+    size_t attached;           /* slots whose request still waits */
+    size_t nkeys;              /* keys of all slots (set when sent) */
+    struct rl_req **q;         /* per slot; NULL once the request stopped waiting */
+    unsigned char *nk;         /* keys per slot (set when sent) */
+    char *cmd;                 /* the call in RESP, kept for a resend after NOSCRIPT */
+    size_t cmdlen, body, argc; /* body: where the arguments after the script's start */
 };
 
 static pthread_key_t rl_tls_key;
@@ -1428,7 +1458,7 @@ static void rl_batch_free(struct rl_batch *b)
     if (b->timer)
         event_free(b->timer);
     b->w->pending -= (int)b->n;
-    free(b->argv);
+    free(b->cmd);
     free(b);
 }
 
@@ -1471,7 +1501,7 @@ static void rl_batch_drop(struct rl_batch *b)
 
 static void rl_batch_send(struct rl_worker *w, struct rl_batch *b)
 {
-    if (redisAsyncCommandArgv(w->ac, on_eval_reply, b, b->argc, b->argv, b->argvlen) != REDIS_OK) {
+    if (redisAsyncFormattedCommand(w->ac, on_eval_reply, b, b->cmd, b->cmdlen) != REDIS_OK) {
         rl_trouble(w, "cannot send", NULL);
         rl_batch_drop(b);
     }
@@ -1497,63 +1527,94 @@ static void rl_flush_waiting(struct rl_worker *w, int send)
     }
 }
 
-/* The call for b (layout in rate_limit_batch.h), in one heap block. */
+/* The call for b (layout in rate_limit_batch.h), formatted in RESP. */
 static void rl_batch_build(const struct rl_redis *rc, struct rl_batch *b)
 {
-    size_t keylen = strlen(rc->prefix) + 2 + 2 * RL_DIGEST + 2 + 64 + 3 + 1;
-    size_t maxargc = 3 + b->nkeys + 1 + 2 * b->nkeys + 1;
+    size_t plen = strlen(rc->prefix);
+    size_t keymax = plen + 1 + 2 * RL_DIGEST + 2 + 64 + 3 + 1;
     size_t setmem = rl_strset_mem(b->nkeys);
-    char *mem = xmalloc(maxargc * (sizeof(char *) + sizeof(size_t)) + 2 * setmem +
-                        b->nkeys * keylen + b->n + 4 * b->nkeys + 48);
-    b->argv = (const char **)(void *)mem;
-    b->argvlen = (size_t *)(b->argv + maxargc);
-    char *setk = (char *)(b->argvlen + maxargc), *setp = setk + setmem;
-    char *kbuf = setp + setmem;
-    unsigned char *plan = (unsigned char *)kbuf + b->nkeys * keylen;
-    char *num = (char *)plan + b->n + 4 * b->nkeys;
+    size_t limmem = b->nkeys * sizeof(struct rl_limit *);
+    char *tmp = xmalloc(limmem + 2 * setmem + b->nkeys * keymax + b->n + 4 * b->nkeys);
+    const struct rl_limit **lim = (const struct rl_limit **)(void *)tmp;
+    char *kbuf = tmp + limmem + 2 * setmem;
+    unsigned char *plan = (unsigned char *)kbuf + b->nkeys * keymax;
     struct rl_strset keys, pols;
-    rl_strset_init(&keys, b->nkeys, setk);
-    rl_strset_init(&pols, b->nkeys, setp);
+    rl_strset_init(&keys, b->nkeys, tmp + limmem);
+    rl_strset_init(&pols, b->nkeys, tmp + limmem + setmem);
     size_t planlen = 0;
     for (size_t i = 0; i < b->n; i++) {
         const struct rl_req *q = b->q[i];
         size_t ki[RL_MAX_LIMITS], pi[RL_MAX_LIMITS];
         for (size_t j = 0; j < q->n; j++) {
-            char hx[2 * RL_DIGEST + 1];
-            char *key = kbuf + keys.n * keylen; /* kept only when new */
-            rl_hex(q->digest[j], RL_DIGEST, hx);
-            int len = snprintf(key, keylen, "%s{%s}:%s%s", rc->prefix, hx, q->lim[j]->id,
-                               q->fb[j] ? ":fb" : "");
-            ki[j] = rl_strset_add(&keys, key, (size_t)len);
+            /* <prefix>{<hex digest>}:<id>[:fb], kept only when new */
+            char *key = kbuf + keys.n * keymax, *e = key;
+            const char *id = q->lim[j]->id;
+            size_t idlen = strlen(id);
+            memcpy(e, rc->prefix, plen);
+            e += plen;
+            *e++ = '{';
+            rl_hex(q->digest[j], RL_DIGEST, e);
+            e += 2 * RL_DIGEST;
+            *e++ = '}';
+            *e++ = ':';
+            memcpy(e, id, idlen);
+            e += idlen;
+            if (q->fb[j]) {
+                memcpy(e, ":fb", 3);
+                e += 3;
+            }
+            ki[j] = rl_strset_add(&keys, key, (size_t)(e - key));
             pi[j] =
                 rl_strset_add(&pols, (const char *)&q->lim[j]->gcra, sizeof(struct gcra_policy));
         }
         planlen += rl_plan_put(plan + planlen, q->n, ki, pi);
     }
-    size_t a = 0;
-    b->argv[a] = "EVALSHA";
-    b->argvlen[a++] = 7;
-    b->argv[a] = rc->sha;
-    b->argvlen[a++] = 40;
-    b->argv[a] = num;
-    b->argvlen[a++] = (size_t)snprintf(num, 24, "%zu", keys.n);
-    for (size_t k = 0; k < keys.n; k++) {
-        b->argv[a] = keys.str[k];
-        b->argvlen[a++] = keys.len[k];
-    }
-    b->argv[a] = num + 24;
-    b->argvlen[a++] = (size_t)snprintf(num + 24, 24, "%zu", pols.n);
+    char nk[24], np[24];
+    size_t nkl = (size_t)snprintf(nk, sizeof(nk), "%zu", keys.n);
+    size_t npl = (size_t)snprintf(np, sizeof(np), "%zu", pols.n);
+    size_t body = rl_resp_arg_len(nkl) + rl_resp_arg_len(npl) + rl_resp_arg_len(planlen);
+    for (size_t k = 0; k < keys.n; k++)
+        body += rl_resp_arg_len(keys.len[k]);
     for (size_t p = 0; p < pols.n; p++) {
-        const struct rl_limit *l =
+        lim[p] =
             (const struct rl_limit *)(const void *)(pols.str[p] - offsetof(struct rl_limit, gcra));
-        b->argv[a] = l->interval_us;
-        b->argvlen[a++] = strlen(l->interval_us);
-        b->argv[a] = l->burst_s;
-        b->argvlen[a++] = strlen(l->burst_s);
+        body +=
+            rl_resp_arg_len(strlen(lim[p]->interval_us)) + rl_resp_arg_len(strlen(lim[p]->burst_s));
     }
-    b->argv[a] = (const char *)plan;
-    b->argvlen[a++] = planlen;
-    b->argc = (int)a;
+    b->argc = 3 + keys.n + 1 + 2 * pols.n + 1;
+    size_t head = 24 + rl_resp_arg_len(7) + rl_resp_arg_len(40);
+    char *cmd = xmalloc(head + body), *e = cmd;
+    e = rl_resp_num(e, '*', b->argc);
+    e = rl_resp_arg(e, "EVALSHA", 7);
+    e = rl_resp_arg(e, rc->sha, 40);
+    b->body = (size_t)(e - cmd);
+    e = rl_resp_arg(e, nk, nkl);
+    for (size_t k = 0; k < keys.n; k++)
+        e = rl_resp_arg(e, keys.str[k], keys.len[k]);
+    e = rl_resp_arg(e, np, npl);
+    for (size_t p = 0; p < pols.n; p++) {
+        e = rl_resp_arg(e, lim[p]->interval_us, strlen(lim[p]->interval_us));
+        e = rl_resp_arg(e, lim[p]->burst_s, strlen(lim[p]->burst_s));
+    }
+    e = rl_resp_arg(e, plan, planlen);
+    b->cmd = cmd;
+    b->cmdlen = (size_t)(e - cmd);
+    free(tmp);
+}
+
+/* After NOSCRIPT: the same call as EVAL of the script. */
+static void rl_batch_as_eval(struct rl_batch *b)
+{
+    size_t body = b->cmdlen - b->body;
+    char *cmd = xmalloc(24 + rl_resp_arg_len(4) + rl_resp_arg_len(sizeof(RL_SCRIPT) - 1) + body);
+    char *e = rl_resp_num(cmd, '*', b->argc);
+    e = rl_resp_arg(e, "EVAL", 4);
+    e = rl_resp_arg(e, RL_SCRIPT, sizeof(RL_SCRIPT) - 1);
+    memcpy(e, b->cmd + b->body, body);
+    free(b->cmd);
+    b->body = (size_t)(e - cmd);
+    b->cmd = cmd;
+    b->cmdlen = b->body + body;
 }
 
 static void on_batch_timeout(evutil_socket_t fd, short what, void *arg)
@@ -1660,11 +1721,8 @@ static void on_eval_reply(redisAsyncContext *ac, void *rv, void *priv)
         /* Redis restarted or SCRIPT FLUSH: EVAL runs the whole batch and
          * caches the script again for the next EVALSHA. */
         b->evalled = 1;
-        b->argv[0] = "EVAL";
-        b->argvlen[0] = 4;
-        b->argv[1] = RL_SCRIPT;
-        b->argvlen[1] = sizeof(RL_SCRIPT) - 1;
-        if (redisAsyncCommandArgv(ac, on_eval_reply, b, b->argc, b->argv, b->argvlen) == REDIS_OK)
+        rl_batch_as_eval(b);
+        if (redisAsyncFormattedCommand(ac, on_eval_reply, b, b->cmd, b->cmdlen) == REDIS_OK)
             return;
     }
     if (b->timer) {

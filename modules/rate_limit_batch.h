@@ -55,10 +55,17 @@ static inline void rl_strset_init(struct rl_strset *s, size_t max, void *mem)
 /* The 0-based index of str, added if new (at most max strings in all). */
 static inline size_t rl_strset_add(struct rl_strset *s, const char *str, size_t len)
 {
-    uint64_t h = 0xcbf29ce484222325ULL; /* FNV-1a */
-    for (size_t i = 0; i < len; i++)
+    uint64_t h = 0x9e3779b97f4a7c15ULL ^ len, w;
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        memcpy(&w, str + i, 8);
+        h = (h ^ w) * 0xff51afd7ed558ccdULL;
+        h ^= h >> 32;
+    }
+    for (; i < len; i++)
         h = (h ^ (unsigned char)str[i]) * 0x100000001b3ULL;
-    for (size_t i = (size_t)(h ^ (h >> 29)) & s->mask;; i = (i + 1) & s->mask) {
+    h ^= h >> 29;
+    for (i = (size_t)h & s->mask;; i = (i + 1) & s->mask) {
         uint32_t k = s->slot[i];
         if (!k) {
             s->str[s->n] = str;
@@ -69,6 +76,42 @@ static inline size_t rl_strset_add(struct rl_strset *s, const char *str, size_t 
         if (s->len[k - 1] == len && memcmp(s->str[k - 1], str, len) == 0)
             return k - 1;
     }
+}
+
+/* The bytes of one argument of a command in RESP ("$len\r\n...\r\n"). */
+static inline size_t rl_resp_arg_len(size_t n)
+{
+    size_t d = 1;
+    for (size_t x = n; x >= 10; x /= 10)
+        d++;
+    return 1 + d + 2 + n + 2;
+}
+
+/* Write c then n in decimal then CRLF at p; returns the end. */
+static inline char *rl_resp_num(char *p, char c, size_t n)
+{
+    char tmp[24];
+    size_t d = 0;
+    do
+        tmp[d++] = (char)('0' + n % 10);
+    while ((n /= 10) != 0);
+    *p++ = c;
+    while (d)
+        *p++ = tmp[--d];
+    *p++ = '\r';
+    *p++ = '\n';
+    return p;
+}
+
+/* Write one argument (rl_resp_arg_len(n) bytes) at p; returns the end. */
+static inline char *rl_resp_arg(char *p, const void *s, size_t n)
+{
+    p = rl_resp_num(p, '$', n);
+    memcpy(p, s, n);
+    p += n;
+    *p++ = '\r';
+    *p++ = '\n';
+    return p;
 }
 
 /* Append one request's part of the plan at p: n keys, key[i] and pol[i]
