@@ -36,17 +36,23 @@
  *
  *   READY, degraded, probe unanswered for connect_timeout_ms --> DOWN
  *
- * Requests are sent while CONNECTING or READY (hiredis queues them behind
- * the setup commands), or wait in the worker's list while ASKING, unless
- * the worker is "degraded": a call timed out or the connection failed.
+ * The requests a worker reads in one loop turn join one batch (at most
+ * batch_max; rate_limit_batch.h), decided by one script call sent when the
+ * turn ends (the flush event, made active by the turn's first request,
+ * runs after the turn's other events): Redis pays its per-call cost once
+ * per batch, and a hot key once per batch. Batches are sent while
+ * CONNECTING or READY (hiredis queues them behind the setup commands), or
+ * wait in the worker's list while ASKING, unless the worker is "degraded":
+ * a call timed out or the connection failed.
  * Degraded, requests take the on_redis_error path at once, without waiting,
  * and a probe (EVALSHA of the script with no keys) goes out every
  * RL_PROBE_MS until Redis answers. A degraded episode is logged once per
  * process when it starts and once when it ends. A refusal from Redis is
  * remembered by the worker until it expires (the memo), so a key known to
- * be over costs Redis nothing. Every request waiting on Redis has a timer
- * and a cleanup; the pending call itself belongs to hiredis, whose callback
- * always runs (with no reply when the connection goes) and frees it. A
+ * be over costs Redis nothing. Every request waiting on Redis has a cleanup
+ * and its batch a timer; a sent batch belongs to hiredis, whose callback
+ * always runs (with no reply when the connection goes) and frees it; a
+ * request that stops waiting only clears its slot in the batch. A
  * worker's connections are closed on its own thread: at thread exit (a
  * pthread key destructor, before the loop's base is freed) or by the 1 s
  * tick once the config that made them is dropped. */
