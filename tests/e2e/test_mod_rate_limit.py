@@ -672,3 +672,21 @@ def test_clients_leave_while_their_batch_waits(portico, redis):
     assert "fallback" not in p.stdout()
     assert hit(p.port, uniq()).status == 200
     assert p.poll() is None
+
+
+def test_batch_max_bounds_a_call(portico, redis):
+    """batch_max 1: one call per request, as without batching; batch_max 3:
+    at least one call per three requests. The limit stays exact either way."""
+    rd = redis()
+    for bmax, least in ((1, 40), (3, 14)):
+        p = start(portico, {"key": "header:X-Client", "rate": "50/m"}, rd.port,
+                  redis_extra={"batch_max": bmax})
+        assert hit(p.port, uniq()).status == 200
+        before = rd.cmdstat("evalsha")
+        c = uniq()
+        codes = burst(p.port, 20, c) + burst(p.port, 20, c)   # all under the limit
+        calls = rd.cmdstat("evalsha") - before
+        assert codes == [200] * 40, (bmax, codes)
+        assert least <= calls <= 40, (bmax, calls)
+        codes = burst(p.port, 20, c)
+        assert codes.count(200) == 10 and codes.count(429) == 10, (bmax, codes)

@@ -244,6 +244,22 @@ static void test_plan_bytes(void)
     CHECK(memcmp(p, want, sizeof(want)) == 0);
 }
 
+static void test_resp_bytes(void)
+{
+    char buf[64], *e = buf;
+    e = rl_resp_num(e, '*', 3);
+    e = rl_resp_arg(e, "EVAL", 4);
+    e = rl_resp_arg(e, "", 0);
+    e = rl_resp_arg(e, "0123456789", 10);
+    static const char want[] = "*3\r\n$4\r\nEVAL\r\n$0\r\n\r\n$10\r\n0123456789\r\n";
+    CHECK_EQ_INT((long long)(e - buf), (long long)sizeof(want) - 1);
+    CHECK(memcmp(buf, want, sizeof(want) - 1) == 0);
+    CHECK_EQ_INT((long long)rl_resp_arg_len(4), 10);
+    CHECK_EQ_INT((long long)rl_resp_arg_len(0), 6);
+    CHECK_EQ_INT((long long)rl_resp_arg_len(10), 17);
+    CHECK_EQ_INT((long long)rl_resp_arg_len(12345), 1 + 5 + 2 + 12345 + 2);
+}
+
 /* What the script answers for a key `ahead` ns in the future under p, and
  * whether the request passed: decoded, it must be what rate_limit_gcra.h
  * decides for that key. */
@@ -612,6 +628,7 @@ int main(void)
     test_siphash_vectors();
     test_strset();
     test_plan_bytes();
+    test_resp_bytes();
     test_decode_against_gcra();
     test_table_exact_and_atomic();
     test_table_expiry_and_eviction();
