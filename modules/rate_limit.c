@@ -36,22 +36,29 @@
  *
  *   READY, degraded, probe unanswered for connect_timeout_ms --> DOWN
  *
- * Requests are sent while CONNECTING or READY (hiredis queues them behind
- * the setup commands), or wait in the worker's list while ASKING, unless
- * the worker is "degraded": a call timed out or the connection failed.
+ * The requests a worker reads in one loop turn join one batch (at most
+ * batch_max; rate_limit_batch.h), decided by one script call sent when the
+ * turn ends (the flush event, made active by the turn's first request,
+ * runs after the turn's other events): Redis pays its per-call cost once
+ * per batch, and a hot key once per batch. Batches are sent while
+ * CONNECTING or READY (hiredis queues them behind the setup commands), or
+ * wait in the worker's list while ASKING, unless the worker is "degraded":
+ * a call timed out or the connection failed.
  * Degraded, requests take the on_redis_error path at once, without waiting,
  * and a probe (EVALSHA of the script with no keys) goes out every
  * RL_PROBE_MS until Redis answers. A degraded episode is logged once per
  * process when it starts and once when it ends. A refusal from Redis is
  * remembered by the worker until it expires (the memo), so a key known to
- * be over costs Redis nothing. Every request waiting on Redis has a timer
- * and a cleanup; the pending call itself belongs to hiredis, whose callback
- * always runs (with no reply when the connection goes) and frees it. A
+ * be over costs Redis nothing. Every request waiting on Redis has a cleanup
+ * and its batch a timer; a sent batch belongs to hiredis, whose callback
+ * always runs (with no reply when the connection goes) and frees it; a
+ * request that stops waiting only clears its slot in the batch. A
  * worker's connections are closed on its own thread: at thread exit (a
  * pthread key destructor, before the loop's base is freed) or by the 1 s
  * tick once the config that made them is dropped. */
 #include "module.h"
 #include "log.h"
+#include "rate_limit_batch.h"
 #include "rate_limit_local.h"
 
 #include <arpa/inet.h>
@@ -64,6 +71,7 @@
 #include <openssl/evp.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,39 +86,78 @@
 #define RL_BODY_429  "{\"error\":\"rate_limited\",\"status\":429}"
 #define RL_BODY_503  "{\"error\":\"rate_limit_unavailable\",\"status\":503}"
 
-/* Returns {allowed, remaining_1, reset_ms_1, retry_ms_1, ...}: the rule of
- * rate_limit_gcra.h in microseconds of Redis' own clock (TIME), so every
- * instance shares one clock. ARGV: interval_us and burst per key. Buckets
- * expire when fully recovered. */
+/* Decides a batch of requests in order, as if each had its own call at the
+ * same instant (the layout of the call and of the answer is in
+ * rate_limit_batch.h): the rule of rate_limit_gcra.h in microseconds of
+ * Redis' own clock (TIME, read once), so every instance shares one clock.
+ * Each key is read once (MGET) and, when charged, written once, with an
+ * expiry at its full recovery; a refused request charges nothing. */
 static const char RL_SCRIPT[] =
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
-    "local out, new, ok = {1}, {}, true\n"
-    "for i = 1, #KEYS do\n"
-    "  local iv = tonumber(ARGV[2*i-1])\n"
-    "  local cap = iv * tonumber(ARGV[2*i])\n"
-    "  local tat = tonumber(redis.call('GET', KEYS[i])) or now\n"
-    "  if tat < now then tat = now end\n"
-    "  local used = tat - now + iv\n"
-    "  if used > cap then\n"
-    "    ok = false\n"
-    "    out[3*i-1] = 0\n"
-    "    out[3*i] = math.ceil((tat - now) / 1000)\n"
-    "    out[3*i+1] = math.ceil((used - cap) / 1000)\n"
-    "  else\n"
-    "    new[i] = tat + iv\n"
-    "    out[3*i-1] = math.floor((cap - used) / iv)\n"
-    "    out[3*i] = math.ceil(used / 1000)\n"
-    "    out[3*i+1] = 0\n"
+    "local np = tonumber(ARGV[1]) or 0\n"
+    "local plan = ARGV[2 * np + 2] or ''\n"
+    "local iv, cap, tat, dirty = {}, {}, {}, {}\n"
+    "for p = 1, np do\n"
+    "  local v = tonumber(ARGV[2 * p])\n"
+    "  iv[p] = v\n"
+    "  cap[p] = v * tonumber(ARGV[2 * p + 1])\n"
+    "end\n"
+    "if #KEYS > 0 then\n"
+    "  local got = redis.call('MGET', unpack(KEYS))\n"
+    "  for k = 1, #KEYS do\n"
+    "    local v = tonumber(got[k]) or now\n"
+    "    if v < now then v = now end\n"
+    "    tat[k] = v\n"
     "  end\n"
     "end\n"
-    "if ok then\n"
-    "  for i = 1, #KEYS do\n"
-    "    redis.call('SET', KEYS[i], string.format('%.0f', new[i]), 'PX',\n"
-    "               math.ceil((new[i] - now) / 1000))\n"
+    "local byte, out, o, pos, len = string.byte, {}, 0, 1, #plan\n"
+    "while pos <= len do\n"
+    "  local n = byte(plan, pos)\n"
+    "  if n == 1 then\n"
+    "    local kh, kl, ph, pl = byte(plan, pos + 1, pos + 4)\n"
+    "    local k, p = kh * 256 + kl, ph * 256 + pl\n"
+    "    local t = tat[k]\n"
+    "    if t - now + iv[p] > cap[p] then\n"
+    "      out[o + 1] = -1 - (t - now) * 1000\n"
+    "    else\n"
+    "      out[o + 1] = (t - now) * 1000\n"
+    "      tat[k] = t + iv[p]\n"
+    "      dirty[k] = true\n"
+    "    end\n"
+    "    o = o + 1\n"
+    "    pos = pos + 5\n"
+    "  else\n"
+    "    local ok, q = true, pos + 1\n"
+    "    for j = 1, n do\n"
+    "      local kh, kl, ph, pl = byte(plan, q, q + 3)\n"
+    "      local p = ph * 256 + pl\n"
+    "      if tat[kh * 256 + kl] - now + iv[p] > cap[p] then ok = false end\n"
+    "      q = q + 4\n"
+    "    end\n"
+    "    q = pos + 1\n"
+    "    for j = 1, n do\n"
+    "      local kh, kl, ph, pl = byte(plan, q, q + 3)\n"
+    "      local k = kh * 256 + kl\n"
+    "      local ahead = (tat[k] - now) * 1000\n"
+    "      if ok then\n"
+    "        out[o + j] = ahead\n"
+    "        tat[k] = tat[k] + iv[ph * 256 + pl]\n"
+    "        dirty[k] = true\n"
+    "      else\n"
+    "        out[o + j] = -1 - ahead\n"
+    "      end\n"
+    "      q = q + 4\n"
+    "    end\n"
+    "    o = o + n\n"
+    "    pos = q\n"
     "  end\n"
-    "else\n"
-    "  out[1] = 0\n"
+    "end\n"
+    "for k = 1, #KEYS do\n"
+    "  if dirty[k] then\n"
+    "    local v = tat[k]\n"
+    "    redis.call('SET', KEYS[k], string.format('%.0f', v), 'PX', math.ceil((v - now) / 1000))\n"
+    "  end\n"
     "end\n"
     "return out\n";
 
@@ -158,7 +205,7 @@ struct rl_redis {
     char *username, *password;
     int db;
     int timeout_ms, connect_timeout_ms, reconnect_min_ms, reconnect_max_ms;
-    int max_pending, memo_size;
+    int max_pending, memo_size, batch_max;
     char *prefix;
     char *label; /* for logs: where Redis is; never a password */
     char sha[41];
@@ -543,13 +590,11 @@ static int rl_parse_global(json_t *json, const char *path, void **gcfg, char *er
     if (!json_is_object(json))
         return rl_err(err, errlen, "%s: must be an object", path);
     static const char *const known[] = {
-        "address",          "sentinels",
-        "master_name",      "username",
-        "password",         "db",
-        "timeout_ms",       "connect_timeout_ms",
-        "key_prefix",       "reconnect_min_ms",
-        "reconnect_max_ms", "max_pending",
-        "memo_size",        NULL,
+        "address",          "sentinels",          "master_name",
+        "username",         "password",           "db",
+        "timeout_ms",       "connect_timeout_ms", "key_prefix",
+        "reconnect_min_ms", "reconnect_max_ms",   "max_pending",
+        "memo_size",        "batch_max",          NULL,
     };
     if (rl_check_keys(json, path, known, err, errlen) < 0)
         return -1;
@@ -561,6 +606,7 @@ static int rl_parse_global(json_t *json, const char *path, void **gcfg, char *er
     rc->reconnect_max_ms = 2000;
     rc->max_pending = 1024;
     rc->memo_size = 4096;
+    rc->batch_max = 64;
     const char *addr = NULL, *master = NULL, *user = NULL, *pass = NULL, *prefix = NULL;
     json_t *sent = json_object_get(json, "sentinels");
     if (rl_get_str(json, path, "address", &addr, err, errlen) < 0 ||
@@ -577,7 +623,8 @@ static int rl_parse_global(json_t *json, const char *path, void **gcfg, char *er
         rl_get_int(json, path, "reconnect_max_ms", 1, 600000, &rc->reconnect_max_ms, err, errlen) <
             0 ||
         rl_get_int(json, path, "max_pending", 1, 1000000, &rc->max_pending, err, errlen) < 0 ||
-        rl_get_int(json, path, "memo_size", 0, 1 << 20, &rc->memo_size, err, errlen) < 0)
+        rl_get_int(json, path, "memo_size", 0, 1 << 20, &rc->memo_size, err, errlen) < 0 ||
+        rl_get_int(json, path, "batch_max", 1, 256, &rc->batch_max, err, errlen) < 0)
         goto fail;
     if (rc->reconnect_max_ms < rc->reconnect_min_ms) {
         rl_err(err, errlen, "%s.reconnect_max_ms: must not be below reconnect_min_ms", path);
@@ -809,7 +856,7 @@ fail:
 
 /* ---- per request -------------------------------------------------------- */
 
-struct rl_pending;
+struct rl_batch;
 
 /* Per-request state, in the request's arena. */
 struct rl_req {
@@ -820,7 +867,8 @@ struct rl_req {
     int fb[RL_MAX_LIMITS]; /* the fallback key was used */
     unsigned char digest[RL_MAX_LIMITS][RL_DIGEST];
     uint64_t hash[RL_MAX_LIMITS]; /* local table and memo */
-    struct rl_pending *pending;   /* a Redis call in flight; NULL otherwise */
+    struct rl_batch *batch;       /* waiting in this batch; NULL otherwise */
+    size_t slot;                  /* its place there */
     const char *outcome;          /* for the access log */
     int have;                     /* headers to add to an allowed answer */
     uint64_t h_limit, h_remaining, h_reset_s;
@@ -856,6 +904,34 @@ static const char *rl_part_value(struct request *r, const struct rl_part *p, siz
     return v;
 }
 
+/* A SHA-256 context per thread, made once: EVP_Digest would allocate and
+ * free one per key. */
+static pthread_key_t rl_sha_key;
+static pthread_once_t rl_sha_once = PTHREAD_ONCE_INIT;
+
+static void rl_sha_free(void *c)
+{
+    EVP_MD_CTX_free(c);
+}
+
+static void rl_sha_init(void)
+{
+    if (pthread_key_create(&rl_sha_key, rl_sha_free) != 0)
+        die("rate_limit: pthread_key_create failed");
+}
+
+static EVP_MD_CTX *rl_sha_ctx(void)
+{
+    pthread_once(&rl_sha_once, rl_sha_init);
+    EVP_MD_CTX *c = pthread_getspecific(rl_sha_key);
+    if (!c) {
+        c = EVP_MD_CTX_new();
+        if (!c || pthread_setspecific(rl_sha_key, c) != 0)
+            die("rate_limit: out of memory");
+    }
+    return c;
+}
+
 /* The digest of a key expression's values for this request, or -1 when a
  * part is missing: SHA-256 for Redis (the same in every instance), SipHash
  * in its first 8 bytes for the local backend (cheaper). */
@@ -885,7 +961,10 @@ static int rl_key_digest(struct request *r, const struct rl_keyexpr *k, int sha,
         return 0;
     }
     unsigned char d[32];
-    rl_digest(rl_md_sha256, buf, off, d);
+    EVP_MD_CTX *c = rl_sha_ctx();
+    if (!EVP_DigestInit_ex2(c, rl_md_sha256, NULL) || !EVP_DigestUpdate(c, buf, off) ||
+        !EVP_DigestFinal_ex(c, d, NULL))
+        die("rate_limit: digest failed");
     memcpy(out, d, RL_DIGEST);
     return 0;
 }
@@ -1007,66 +1086,46 @@ struct rl_worker {
     uint64_t probe_since; /* ns: the unanswered probe went out then */
     int backoff_ms;
     size_t next_sentinel;
-    int pending;         /* EVALSHA calls in flight */
+    int pending;         /* requests waiting on Redis, in batches filling or sent */
     struct event *timer; /* retry, connect timeout or probe, by state */
     struct event *tick;  /* notices a dropped config */
+    struct event *flush; /* sends the batches filled in this loop turn */
     struct rl_memo *memo;
-    /* Calls made while the sentinels are asked for the master: owned here
-     * until sent (a request that stops waiting only clears p->q). */
-    struct rl_pending *wait_head, **wait_tail;
+    /* Batches filling in this loop turn (only the last has room). */
+    struct rl_batch *fill_head, *fill_tail;
+    /* Batches made while the sentinels are asked for the master: owned
+     * here until sent. */
+    struct rl_batch *wait_head, **wait_tail;
 };
 
-/* One EVALSHA in flight. Owned by hiredis' callback, which always runs
- * (with a NULL reply when the connection goes); q is cleared when the
- * request stops waiting (timeout, or the request ended). */
-struct rl_pending {
-    struct rl_req *q;
+/* The requests of one worker decided by one script call. Filled during
+ * a loop turn (w->fill_head) and sent at its end, or kept in w's waiting
+ * list while the master is not known; once sent, owned by hiredis'
+ * callback, which always runs (with no reply when the connection goes)
+ * and frees it. A request that stops waiting (it ended, or the batch
+ * timed out) only clears its slot. */
+struct rl_batch {
     struct rl_worker *w;
-    struct event *timer;
-    int evalled;                  /* already resent as EVAL after NOSCRIPT */
-    struct rl_pending *next_wait; /* in w's waiting list, not yet sent */
-    int argc;
-    const char **argv;
-    size_t *argvlen;
+    struct rl_batch *next;     /* in w's filling or waiting list */
+    struct event *timer;       /* timeout_ms from the send; NULL once nobody waits */
+    int evalled;               /* already resent as EVAL after NOSCRIPT */
+    size_t n, cap;             /* slots used, slots */
+    size_t attached;           /* slots whose request still waits */
+    size_t nkeys;              /* keys of all slots (set when sent) */
+    struct rl_req **q;         /* per slot; NULL once the request stopped waiting */
+    unsigned char *nk;         /* keys per slot (set when sent) */
+    char *cmd;                 /* the call in RESP, kept for a resend after NOSCRIPT */
+    size_t cmdlen, body, argc; /* body: where the arguments after the script's start */
 };
 
 static pthread_key_t rl_tls_key;
 static pthread_once_t rl_tls_once = PTHREAD_ONCE_INIT;
 
 static void rl_worker_start(struct rl_worker *w);
-static void rl_detach(struct rl_req *q);
-static void rl_pending_free(struct rl_pending *p);
+static void rl_flush_waiting(struct rl_worker *w, int send);
+static void rl_batch_drop(struct rl_batch *b);
+static void on_flush(evutil_socket_t fd, short what, void *arg);
 static void on_eval_reply(redisAsyncContext *ac, void *rv, void *priv);
-
-/* A waiting call that will not be sent: on_redis_error decides. */
-static void rl_drop_waiting(struct rl_worker *w, struct rl_pending *p)
-{
-    struct rl_req *q = p->q;
-    w->pending--;
-    if (q)
-        rl_detach(q);
-    rl_pending_free(p);
-    if (q && rl_fallback(q) == FILTER_CONTINUE)
-        request_resume(q->r);
-}
-
-/* send: the master connection exists, send the waiting calls behind its
- * setup; else they all fall back. */
-static void rl_flush_waiting(struct rl_worker *w, int send)
-{
-    struct rl_pending *p = w->wait_head;
-    w->wait_head = NULL;
-    w->wait_tail = &w->wait_head;
-    while (p) {
-        struct rl_pending *next = p->next_wait;
-        p->next_wait = NULL;
-        if (!send || !p->q ||
-            redisAsyncCommandArgv(w->ac, on_eval_reply, p, p->argc, p->argv, p->argvlen) !=
-                REDIS_OK)
-            rl_drop_waiting(w, p);
-        p = next;
-    }
-}
 
 static void rl_trouble(struct rl_worker *w, const char *what, const char *detail)
 {
@@ -1339,10 +1398,16 @@ static void rl_worker_free(struct rl_worker *w)
         redisAsyncFree(sac);
     }
     rl_flush_waiting(w, 0);
+    while (w->fill_head) {
+        struct rl_batch *b = w->fill_head;
+        w->fill_head = b->next;
+        rl_batch_drop(b);
+    }
     if (w->degraded)
         __atomic_sub_fetch(&w->rc->degraded_workers, 1, __ATOMIC_ACQ_REL);
     event_free(w->timer);
     event_free(w->tick);
+    event_free(w->flush);
     free(w->memo);
     rl_redis_unref(w->rc);
     free(w);
@@ -1394,7 +1459,8 @@ static struct rl_worker *rl_worker_get(struct request *r, struct rl_redis *rc)
     w->wait_tail = &w->wait_head;
     w->timer = evtimer_new(w->base, on_worker_timer, w);
     w->tick = event_new(w->base, -1, EV_PERSIST, on_worker_tick, w);
-    if (!w->timer || !w->tick)
+    w->flush = event_new(w->base, -1, 0, on_flush, w);
+    if (!w->timer || !w->tick || !w->flush)
         die("rate_limit: cannot create timers");
     struct timeval tv = { RL_TICK_MS / 1000, (RL_TICK_MS % 1000) * 1000 };
     event_add(w->tick, &tv);
@@ -1408,31 +1474,229 @@ static struct rl_worker *rl_worker_get(struct request *r, struct rl_redis *rc)
 
 /* ---- a request's Redis call --------------------------------------------- */
 
-static void rl_pending_free(struct rl_pending *p)
+static void rl_batch_free(struct rl_batch *b)
 {
-    if (p->timer)
-        event_free(p->timer);
-    free(p);
+    if (b->timer)
+        event_free(b->timer);
+    b->w->pending -= (int)b->n;
+    free(b->cmd);
+    free(b);
 }
 
-/* The request stopped waiting for p (it ended, or timed out): p stays with
- * hiredis until its callback, which then only frees it. */
+/* The request stops waiting for its batch (it ended, it timed out, or the
+ * answer came): its slot is cleared; the batch stays with its owner. */
 static void rl_detach(struct rl_req *q)
 {
-    struct rl_pending *p = q->pending;
-    if (!p)
+    struct rl_batch *b = q->batch;
+    if (!b)
         return;
-    q->pending = NULL;
-    p->q = NULL;
-    if (p->timer) {
-        event_free(p->timer);
-        p->timer = NULL;
+    q->batch = NULL;
+    b->q[q->slot] = NULL;
+    if (--b->attached == 0 && b->timer) {
+        event_free(b->timer);
+        b->timer = NULL;
     }
 }
 
 static void rl_req_cleanup(void *arg)
 {
     rl_detach(arg);
+}
+
+/* Redis will not decide for q: on_redis_error does. */
+static void rl_give_up(struct rl_req *q)
+{
+    rl_detach(q);
+    if (rl_fallback(q) == FILTER_CONTINUE)
+        request_resume(q->r);
+}
+
+/* A batch that will not be sent (or not again): its requests fall back. */
+static void rl_batch_drop(struct rl_batch *b)
+{
+    for (size_t i = 0; i < b->n; i++)
+        if (b->q[i])
+            rl_give_up(b->q[i]);
+    rl_batch_free(b);
+}
+
+static void rl_batch_send(struct rl_worker *w, struct rl_batch *b)
+{
+    if (redisAsyncFormattedCommand(w->ac, on_eval_reply, b, b->cmd, b->cmdlen) != REDIS_OK) {
+        rl_trouble(w, "cannot send", NULL);
+        rl_batch_drop(b);
+    }
+}
+
+/* send: the master connection exists, send the waiting batches behind its
+ * setup; else they all fall back. */
+static void rl_flush_waiting(struct rl_worker *w, int send)
+{
+    struct rl_batch *b = w->wait_head;
+    w->wait_head = NULL;
+    w->wait_tail = &w->wait_head;
+    while (b) {
+        struct rl_batch *next = b->next;
+        b->next = NULL;
+        if (!b->attached)
+            rl_batch_free(b);
+        else if (!send)
+            rl_batch_drop(b);
+        else
+            rl_batch_send(w, b);
+        b = next;
+    }
+}
+
+/* The call for b (layout in rate_limit_batch.h), formatted in RESP. */
+static void rl_batch_build(const struct rl_redis *rc, struct rl_batch *b)
+{
+    size_t plen = strlen(rc->prefix);
+    size_t keymax = plen + 1 + 2 * RL_DIGEST + 2 + 64 + 3 + 1;
+    size_t setmem = rl_strset_mem(b->nkeys);
+    size_t limmem = b->nkeys * sizeof(struct rl_limit *);
+    char *tmp = xmalloc(limmem + 2 * setmem + b->nkeys * keymax + b->n + 4 * b->nkeys);
+    const struct rl_limit **lim = (const struct rl_limit **)(void *)tmp;
+    char *kbuf = tmp + limmem + 2 * setmem;
+    unsigned char *plan = (unsigned char *)kbuf + b->nkeys * keymax;
+    struct rl_strset keys, pols;
+    rl_strset_init(&keys, b->nkeys, tmp + limmem);
+    rl_strset_init(&pols, b->nkeys, tmp + limmem + setmem);
+    size_t planlen = 0;
+    for (size_t i = 0; i < b->n; i++) {
+        const struct rl_req *q = b->q[i];
+        size_t ki[RL_MAX_LIMITS], pi[RL_MAX_LIMITS];
+        for (size_t j = 0; j < q->n; j++) {
+            /* <prefix>{<hex digest>}:<id>[:fb], kept only when new */
+            char *key = kbuf + keys.n * keymax, *e = key;
+            const char *id = q->lim[j]->id;
+            size_t idlen = strlen(id);
+            memcpy(e, rc->prefix, plen);
+            e += plen;
+            *e++ = '{';
+            rl_hex(q->digest[j], RL_DIGEST, e);
+            e += 2 * RL_DIGEST;
+            *e++ = '}';
+            *e++ = ':';
+            memcpy(e, id, idlen);
+            e += idlen;
+            if (q->fb[j]) {
+                memcpy(e, ":fb", 3);
+                e += 3;
+            }
+            ki[j] = rl_strset_add(&keys, key, (size_t)(e - key));
+            pi[j] =
+                rl_strset_add(&pols, (const char *)&q->lim[j]->gcra, sizeof(struct gcra_policy));
+        }
+        planlen += rl_plan_put(plan + planlen, q->n, ki, pi);
+    }
+    char nk[24], np[24];
+    size_t nkl = (size_t)snprintf(nk, sizeof(nk), "%zu", keys.n);
+    size_t npl = (size_t)snprintf(np, sizeof(np), "%zu", pols.n);
+    size_t body = rl_resp_arg_len(nkl) + rl_resp_arg_len(npl) + rl_resp_arg_len(planlen);
+    for (size_t k = 0; k < keys.n; k++)
+        body += rl_resp_arg_len(keys.len[k]);
+    for (size_t p = 0; p < pols.n; p++) {
+        lim[p] =
+            (const struct rl_limit *)(const void *)(pols.str[p] - offsetof(struct rl_limit, gcra));
+        body +=
+            rl_resp_arg_len(strlen(lim[p]->interval_us)) + rl_resp_arg_len(strlen(lim[p]->burst_s));
+    }
+    b->argc = 3 + keys.n + 1 + 2 * pols.n + 1;
+    size_t head = 24 + rl_resp_arg_len(7) + rl_resp_arg_len(40);
+    char *cmd = xmalloc(head + body), *e = cmd;
+    e = rl_resp_num(e, '*', b->argc);
+    e = rl_resp_arg(e, "EVALSHA", 7);
+    e = rl_resp_arg(e, rc->sha, 40);
+    b->body = (size_t)(e - cmd);
+    e = rl_resp_arg(e, nk, nkl);
+    for (size_t k = 0; k < keys.n; k++)
+        e = rl_resp_arg(e, keys.str[k], keys.len[k]);
+    e = rl_resp_arg(e, np, npl);
+    for (size_t p = 0; p < pols.n; p++) {
+        e = rl_resp_arg(e, lim[p]->interval_us, strlen(lim[p]->interval_us));
+        e = rl_resp_arg(e, lim[p]->burst_s, strlen(lim[p]->burst_s));
+    }
+    e = rl_resp_arg(e, plan, planlen);
+    b->cmd = cmd;
+    b->cmdlen = (size_t)(e - cmd);
+    free(tmp);
+}
+
+/* After NOSCRIPT: the same call as EVAL of the script. */
+static void rl_batch_as_eval(struct rl_batch *b)
+{
+    size_t body = b->cmdlen - b->body;
+    char *cmd = xmalloc(24 + rl_resp_arg_len(4) + rl_resp_arg_len(sizeof(RL_SCRIPT) - 1) + body);
+    char *e = rl_resp_num(cmd, '*', b->argc);
+    e = rl_resp_arg(e, "EVAL", 4);
+    e = rl_resp_arg(e, RL_SCRIPT, sizeof(RL_SCRIPT) - 1);
+    memcpy(e, b->cmd + b->body, body);
+    free(b->cmd);
+    b->body = (size_t)(e - cmd);
+    b->cmd = cmd;
+    b->cmdlen = b->body + body;
+}
+
+static void on_batch_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    struct rl_batch *b = arg;
+    struct rl_worker *w = b->w;
+    event_free(b->timer);
+    b->timer = NULL; /* the late answer, if any, only frees b */
+    rl_trouble(w, "no answer within timeout_ms", NULL);
+    if (w->state == RW_READY && !evtimer_pending(w->timer, NULL))
+        rl_arm(w, RL_PROBE_MS);
+    for (size_t i = 0; i < b->n; i++)
+        if (b->q[i])
+            rl_give_up(b->q[i]);
+}
+
+/* Send the batches filled during this loop turn (an event made active by
+ * the turn's first paused request runs after the turn's other events). */
+static void on_flush(evutil_socket_t fd, short what, void *arg)
+{
+    struct rl_worker *w = arg;
+    struct rl_batch *b = w->fill_head;
+    w->fill_head = NULL;
+    while (b) {
+        struct rl_batch *next = b->next;
+        b->next = NULL;
+        /* compact: requests that left while the batch filled */
+        size_t n = 0;
+        b->nkeys = 0;
+        for (size_t i = 0; i < b->n; i++) {
+            struct rl_req *q = b->q[i];
+            if (!q)
+                continue;
+            q->slot = n;
+            b->q[n] = q;
+            b->nk[n++] = (unsigned char)q->n;
+            b->nkeys += q->n;
+        }
+        w->pending -= (int)(b->n - n);
+        b->n = n;
+        if (n == 0) {
+            rl_batch_free(b);
+        } else if (w->degraded || w->closing ||
+                   (w->state != RW_ASKING && (!w->ac || w->state == RW_DOWN))) {
+            rl_batch_drop(b);
+        } else {
+            rl_batch_build(w->rc, b);
+            b->timer = evtimer_new(w->base, on_batch_timeout, b);
+            if (!b->timer)
+                die("rate_limit: evtimer_new failed");
+            struct timeval tv = { w->rc->timeout_ms / 1000, (w->rc->timeout_ms % 1000) * 1000 };
+            evtimer_add(b->timer, &tv);
+            if (w->state == RW_ASKING) {
+                *w->wait_tail = b;
+                w->wait_tail = &b->next;
+            } else {
+                rl_batch_send(w, b);
+            }
+        }
+        b = next;
+    }
 }
 
 /* A refusal from Redis holds until retry: remember it on this worker. */
@@ -1447,83 +1711,73 @@ static void rl_memo_put(struct rl_worker *w, uint64_t h, uint64_t now, uint64_t 
     m->reset_until = now + reset_ms * 1000000u;
 }
 
-static void on_eval_reply(redisAsyncContext *ac, void *rv, void *priv)
+/* One request's part of a good answer: v[0..q->n-1]. */
+static void rl_decided(struct rl_worker *w, struct rl_req *q, redisReply **v, uint64_t now)
 {
-    struct rl_pending *p = priv;
-    struct rl_worker *w = p->w;
-    redisReply *rep = rv;
-    if (rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "NOSCRIPT", 8) == 0 &&
-        !p->evalled && ac == w->ac && !w->closing) {
-        /* Redis restarted or SCRIPT FLUSH: EVAL runs it and caches it
-         * again for the next EVALSHA. */
-        p->evalled = 1;
-        p->argv[0] = "EVAL";
-        p->argvlen[0] = 4;
-        p->argv[1] = RL_SCRIPT;
-        p->argvlen[1] = sizeof(RL_SCRIPT) - 1;
-        if (redisAsyncCommandArgv(ac, on_eval_reply, p, p->argc, p->argv, p->argvlen) == REDIS_OK)
-            return;
-    }
-    w->pending--;
-    struct rl_req *q = p->q;
-    if (q)
-        rl_detach(q);
-    rl_pending_free(p);
-    int good = rep && rep->type == REDIS_REPLY_ARRAY && q ? rep->elements == 1 + 3 * q->n
-                                                          : rep && rep->type == REDIS_REPLY_ARRAY;
-    if (good && !w->closing)
-        rl_recover(w);
-    if (!q)
-        return; /* the request went on without us */
-    if (!good) {
-        if (!w->closing) {
-            const char *msg = rep && rep->type == REDIS_REPLY_ERROR ? rep->str : NULL;
-            if (msg &&
-                (strncmp(msg, "READONLY", 8) == 0 || strncmp(msg, "LOADING", 7) == 0 ||
-                 strncmp(msg, "MASTERDOWN", 10) == 0) &&
-                ac == w->ac)
-                rl_down(w, "not a usable master", msg);
-            else
-                rl_trouble(w, rep ? "the script failed" : "connection lost", msg);
-        }
-        if (rl_fallback(q) == FILTER_CONTINUE)
-            request_resume(q->r);
-        return;
-    }
-    struct rl_outcome o = { .allowed = 1 };
-    uint64_t now = rl_now_ns();
-    for (size_t i = 0; i < rep->elements; i++)
-        if (rep->element[i]->type != REDIS_REPLY_INTEGER || rep->element[i]->integer < 0)
-            good = 0;
-    if (!good) {
-        q->outcome = "fallback_local";
-        if (rl_fallback(q) == FILTER_CONTINUE)
-            request_resume(q->r);
-        return;
-    }
-    o.allowed = rep->element[0]->integer == 1;
+    long long x[RL_MAX_LIMITS];
+    const struct gcra_policy *pol[RL_MAX_LIMITS];
     for (size_t i = 0; i < q->n; i++) {
-        o.remaining[i] = (uint64_t)rep->element[1 + 3 * i]->integer;
-        o.reset_ms[i] = (uint64_t)rep->element[2 + 3 * i]->integer;
-        o.retry_ms[i] = (uint64_t)rep->element[3 + 3 * i]->integer;
-        if (!o.allowed)
-            rl_memo_put(w, q->hash[i], now, o.retry_ms[i], o.reset_ms[i]);
+        x[i] = v[i]->integer;
+        pol[i] = &q->lim[i]->gcra;
     }
+    struct rl_outcome o;
+    if (rl_batch_decode(x, q->n, pol, &o) < 0) {
+        rl_give_up(q);
+        return;
+    }
+    for (size_t i = 0; i < q->n && !o.allowed; i++)
+        rl_memo_put(w, q->hash[i], now, o.retry_ms[i], o.reset_ms[i]);
     q->outcome = o.allowed ? "allowed" : "limited";
     if (rl_apply(q, &o) == FILTER_CONTINUE)
         request_resume(q->r);
 }
 
-static void on_eval_timeout(evutil_socket_t fd, short what, void *arg)
+static void on_eval_reply(redisAsyncContext *ac, void *rv, void *priv)
 {
-    struct rl_pending *p = arg;
-    struct rl_req *q = p->q;
-    rl_detach(q); /* frees the timer; the late reply only frees p */
-    rl_trouble(p->w, "no answer within timeout_ms", NULL);
-    if (p->w->state == RW_READY && !evtimer_pending(p->w->timer, NULL))
-        rl_arm(p->w, RL_PROBE_MS);
-    if (rl_fallback(q) == FILTER_CONTINUE)
-        request_resume(q->r);
+    struct rl_batch *b = priv;
+    struct rl_worker *w = b->w;
+    redisReply *rep = rv;
+    if (rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "NOSCRIPT", 8) == 0 &&
+        !b->evalled && b->attached && ac == w->ac && !w->closing) {
+        /* Redis restarted or SCRIPT FLUSH: EVAL runs the whole batch and
+         * caches the script again for the next EVALSHA. */
+        b->evalled = 1;
+        rl_batch_as_eval(b);
+        if (redisAsyncFormattedCommand(ac, on_eval_reply, b, b->cmd, b->cmdlen) == REDIS_OK)
+            return;
+    }
+    if (b->timer) {
+        event_free(b->timer);
+        b->timer = NULL;
+    }
+    int good = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == b->nkeys;
+    for (size_t i = 0; good && i < b->nkeys; i++)
+        good = rep->element[i]->type == REDIS_REPLY_INTEGER;
+    if (good && !w->closing) {
+        rl_recover(w);
+    } else if (!good && !w->closing && b->attached) {
+        const char *msg = rep && rep->type == REDIS_REPLY_ERROR ? rep->str : NULL;
+        if (msg &&
+            (strncmp(msg, "READONLY", 8) == 0 || strncmp(msg, "LOADING", 7) == 0 ||
+             strncmp(msg, "MASTERDOWN", 10) == 0) &&
+            ac == w->ac)
+            rl_down(w, "not a usable master", msg);
+        else
+            rl_trouble(w, rep ? "the script failed" : "connection lost", msg);
+    }
+    uint64_t now = rl_now_ns();
+    size_t off = 0;
+    for (size_t i = 0; i < b->n; i++) {
+        struct rl_req *q = b->q[i];
+        if (q && !good) {
+            rl_give_up(q);
+        } else if (q) {
+            rl_detach(q);
+            rl_decided(w, q, rep->element + off, now);
+        }
+        off += b->nk[i];
+    }
+    rl_batch_free(b);
 }
 
 /* Refuse from the memo when a key is known to be over: Redis is not asked. */
@@ -1549,6 +1803,8 @@ static int rl_memo_refuse(struct rl_worker *w, struct rl_req *q)
     return 1;
 }
 
+/* The request joins the batch of this loop turn; nothing is sent from
+ * here, so the request is paused before anything can resume it. */
 static enum filter_status rl_redis(struct rl_req *q)
 {
     struct rl_redis *rc = q->cfg->redis;
@@ -1564,49 +1820,26 @@ static enum filter_status rl_redis(struct rl_req *q)
         rl_trouble(w, "too many calls in flight (max_pending)", NULL);
         return rl_fallback(q);
     }
-    /* EVALSHA sha n key_1..key_n interval_1 burst_1 ... in one heap block */
-    size_t argc = 3 + 3 * q->n;
-    size_t keylen = strlen(rc->prefix) + 2 + 2 * RL_DIGEST + 2 + 64 + 3 + 1;
-    struct rl_pending *p =
-        xcalloc(1, sizeof(*p) + argc * (sizeof(char *) + sizeof(size_t)) + q->n * keylen + 24);
-    p->argv = (const char **)(p + 1);
-    p->argvlen = (size_t *)(p->argv + argc);
-    char *keys = (char *)(p->argvlen + argc);
-    char *nkeys = keys + q->n * keylen;
-    snprintf(nkeys, 24, "%zu", q->n);
-    p->argv[0] = "EVALSHA";
-    p->argv[1] = rc->sha;
-    p->argv[2] = nkeys;
-    for (size_t i = 0; i < q->n; i++) {
-        char hx[2 * RL_DIGEST + 1];
-        char *k = keys + i * keylen;
-        rl_hex(q->digest[i], RL_DIGEST, hx);
-        snprintf(k, keylen, "%s{%s}:%s%s", rc->prefix, hx, q->lim[i]->id, q->fb[i] ? ":fb" : "");
-        p->argv[3 + i] = k;
-        p->argv[3 + q->n + 2 * i] = q->lim[i]->interval_us;
-        p->argv[4 + q->n + 2 * i] = q->lim[i]->burst_s;
+    struct rl_batch *b = w->fill_tail && w->fill_head ? w->fill_tail : NULL;
+    if (!b || b->n == b->cap) {
+        size_t cap = (size_t)rc->batch_max;
+        b = xcalloc(1, sizeof(*b) + cap * (sizeof(struct rl_req *) + 1));
+        b->w = w;
+        b->cap = cap;
+        b->q = (struct rl_req **)(b + 1);
+        b->nk = (unsigned char *)(b->q + cap);
+        if (w->fill_head)
+            w->fill_tail->next = b;
+        else
+            w->fill_head = b;
+        w->fill_tail = b;
+        event_active(w->flush, EV_TIMEOUT, 1);
     }
-    for (size_t i = 0; i < argc; i++)
-        p->argvlen[i] = strlen(p->argv[i]);
-    p->argc = (int)argc;
-    p->w = w;
-    if (wait) {
-        *w->wait_tail = p;
-        w->wait_tail = &p->next_wait;
-    } else if (redisAsyncCommandArgv(w->ac, on_eval_reply, p, p->argc, p->argv, p->argvlen) !=
-               REDIS_OK) {
-        free(p);
-        rl_trouble(w, "cannot send", NULL);
-        return rl_fallback(q);
-    }
+    q->batch = b;
+    q->slot = b->n;
+    b->q[b->n++] = q;
+    b->attached++;
     w->pending++;
-    p->q = q;
-    q->pending = p;
-    p->timer = evtimer_new(w->base, on_eval_timeout, p);
-    if (!p->timer)
-        die("rate_limit: evtimer_new failed");
-    struct timeval tv = { rc->timeout_ms / 1000, (rc->timeout_ms % 1000) * 1000 };
-    evtimer_add(p->timer, &tv);
     request_cleanup_add(q->r, rl_req_cleanup, q);
     return FILTER_PAUSED;
 }

@@ -6,9 +6,12 @@ timeout, the over-limit memo (no Redis call for a key known to be over), a
 client leaving while its request waits on Redis, and a Sentinel failover."""
 import json
 import os
+import random
+import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -471,3 +474,225 @@ def test_ip_key_honours_trusted_proxies_only(portico):
     untrusted = portico(make_config(routes=routes))
     assert statuses(untrusted.port, 1, None, extra=xff("203.0.113.7")) == [200]
     assert statuses(untrusted.port, 2, None, extra=xff("203.0.113.9")) == [200, 429]
+
+
+# ---- batches: the requests of one loop turn in one script call -------------
+
+
+def burst(port, n, client, path="/rl/x", extra=None, timeout=10):
+    """n requests sent at once on n connections (all written before any is
+    read, so one worker sees many in one loop turn): their status codes, 0
+    for a connection closed without an answer."""
+    hdr = "".join("%s: %s\r\n" % kv for kv in (extra or {}).items())
+    req = ("GET %s HTTP/1.1\r\nHost: t\r\nX-Client: %s\r\n%sConnection: close\r\n\r\n"
+           % (path, client, hdr)).encode()
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=timeout) for _ in range(n)]
+    for s in socks:
+        s.sendall(req)
+    codes = []
+    for s in socks:
+        data = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError:
+            pass
+        s.close()
+        codes.append(int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0)
+    return codes
+
+
+def rl_script():
+    """RL_SCRIPT as compiled into the module (from its source)."""
+    src = open(os.path.join(os.path.dirname(__file__), "..", "..", "modules",
+                            "rate_limit.c")).read()
+    body = src.split("static const char RL_SCRIPT[] =", 1)[1].split(";\n", 1)[0]
+    lits = re.findall(r'"((?:[^"\\]|\\.)*)"', body)
+    return "".join(lits).encode().decode("unicode_escape")
+
+
+def test_script_decides_a_batch_as_one_call_each(redis):
+    """The batched script against a model of rate_limit_gcra.h applied
+    request after request: a hot key shared by many requests, requests with
+    two keys where one refuses (nothing charged), a named bucket used under
+    two policies, and the answer's encoding (rate_limit_batch.h)."""
+    rd = redis()
+    sha = rd.cli("SCRIPT", "LOAD", rl_script())
+    assert len(sha) == 40, sha
+    # policies: (interval_us, burst): 1 s x 3, 0.5 s x 2, 1 ms x 1000
+    pols = [("1000000.000", 3), ("500000.000", 2), ("1000.000", 1000)]
+    keys = ["t:{a}:x", "t:{b}:y", "t:{c}:z"]
+    rng = random.Random(7)
+    reqs = []
+    for _ in range(40):
+        n = rng.choice([1, 1, 2, 3])
+        ks = rng.sample(range(3), n)
+        reqs.append([(k, rng.randrange(3)) for k in ks])
+    plan = b"".join(bytes([len(r)]) + b"".join(struct.pack(">HH", k + 1, p + 1) for k, p in r)
+                    for r in reqs)
+    args = [str(len(keys))] + keys + [str(len(pols))]
+    for iv, b in pols:
+        args += [iv, str(b)]
+    argv = ["redis-cli", "-p", str(rd.port), "-x", "EVALSHA", sha] + args
+    out = subprocess.run(argv, input=plan, capture_output=True, timeout=5).stdout.decode().split()
+    got = [int(x) for x in out]
+    # the model: every key starts recovered at `now`; ahead = TAT - now (ns)
+    ahead = [0, 0, 0]
+    want = []
+    for r in reqs:
+        ok = all(ahead[k] + float(pols[p][0]) * 1000 <= float(pols[p][0]) * 1000 * pols[p][1]
+                 for k, p in r)
+        want += [ahead[k] if ok else -1 - ahead[k] for k, _ in r]
+        if ok:
+            for k, p in r:
+                ahead[k] += int(float(pols[p][0]) * 1000)
+    assert len(got) == len(want)
+    # Redis' clock moves between the model's instants only within the call:
+    # the script reads TIME once, so the answers are exact
+    assert got == want, (got, want)
+    # charged keys expire at their full recovery, the others are not written
+    for k in range(3):
+        pttl = int(rd.cli("PTTL", keys[k]))
+        if ahead[k]:
+            assert 0 < pttl <= ahead[k] // 1000000 + 1, (k, pttl, ahead[k])
+        else:
+            assert pttl == -2
+    # the probe (no keys, no arguments) is answered
+    assert rd.cli("EVALSHA", sha, "0") == ""
+
+
+def test_concurrent_requests_batched_and_exact(portico, redis):
+    """Requests arriving together on many connections are decided in
+    batches (fewer Redis calls than requests) and the limit stays exact."""
+    rd = redis()
+    p = start(portico, {"key": "header:X-Client", "rate": "25/m"}, rd.port)
+    assert hit(p.port, uniq()).status == 200                  # connected
+    c = uniq()
+    before = rd.cmdstat("evalsha")
+    codes = []
+    for _ in range(4):
+        codes += burst(p.port, 30, c)
+    calls = rd.cmdstat("evalsha") - before
+    assert codes.count(200) == 25 and codes.count(429) == 95, codes
+    # one call per request at most, and batches did form (120 requests)
+    assert 0 < calls < 120, calls
+    assert "fallback" not in p.stdout() and "on_redis_error" not in p.stderr()
+
+
+def test_batched_requests_with_two_limits_exact(portico, redis):
+    """Per-client limits and one route-wide limit, many clients at once: no
+    client above its own limit, and the route's total exact (a refused
+    request charges neither)."""
+    rd = redis()
+    conf = {"limits": [{"key": "header:X-Client", "rate": "10/m"},
+                       {"key": "route", "rate": "25/m"}]}
+    p = start(portico, conf, rd.port, workers=2)
+    tag = uniq()
+    results = {}
+
+    def client(i):
+        results[i] = burst(p.port, 15, "%s-%d" % (tag, i))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 4
+    assert all(r.count(200) <= 10 for r in results.values()), results
+    assert sum(r.count(200) for r in results.values()) == 25, results
+    assert all(set(r) <= {200, 429} for r in results.values()), results
+
+
+def test_noscript_resends_the_whole_batch(portico, redis):
+    rd = redis()
+    p = start(portico, {"key": "header:X-Client", "rate": "10/m"}, rd.port)
+    assert hit(p.port, uniq()).status == 200
+    rd.cli("SCRIPT", "FLUSH")
+    codes = burst(p.port, 30, uniq())
+    assert codes.count(200) == 10 and codes.count(429) == 20, codes
+    assert 1 <= rd.cmdstat("eval") <= 30                      # one EVAL per batch that met NOSCRIPT
+    assert "fallback" not in p.stdout()
+
+
+def test_redis_killed_while_batches_wait(portico, redis):
+    """Batches in flight when Redis dies: every request gets exactly one
+    answer (on_redis_error), none hangs, and the restarted Redis decides
+    again."""
+    rd = redis()
+    port = rd.port
+    p = start(portico, {"key": "header:X-Client", "rate": "100/m", "on_redis_error": "deny"},
+              rd.port, workers=2, redis_extra={"timeout_ms": 3000, "reconnect_max_ms": 200})
+    assert hit(p.port, uniq()).status == 200
+    rd.cli("CLIENT", "PAUSE", "5000", "ALL")
+    out = []
+    t = threading.Thread(target=lambda: out.extend(burst(p.port, 40, uniq(), timeout=8)))
+    t.start()
+    time.sleep(0.5)                                           # the batches are in flight
+    rd.kill()
+    t.join(10)
+    assert not t.is_alive()
+    assert out == [503] * 40, out                              # each answered once, denied
+    rd2 = redis(port=port)
+    assert util.wait_until(lambda: "answers again" in p.stderr(), 5), p.stderr()
+    c = uniq()
+    assert statuses(p.port, 3, c) == [200, 200, 200]
+    assert rd2.cmdstat("evalsha") + rd2.cmdstat("eval") >= 1
+    assert p.poll() is None
+
+
+def test_clients_leave_while_their_batch_waits(portico, redis):
+    """Half of a batch's clients leave while Redis is paused; the others
+    get their answers when it resumes, decided by Redis."""
+    rd = redis()
+    p = start(portico, {"key": "header:X-Client", "rate": "5/m"}, rd.port,
+              redis_extra={"timeout_ms": 3000})
+    assert hit(p.port, uniq()).status == 200
+    rd.cli("CLIENT", "PAUSE", "700", "ALL")
+    c = uniq()
+    req = ("GET /rl/x HTTP/1.1\r\nHost: t\r\nX-Client: %s\r\nConnection: close\r\n\r\n"
+           % c).encode()
+    gone = [socket.create_connection(("127.0.0.1", p.port)) for _ in range(10)]
+    stay = [socket.create_connection(("127.0.0.1", p.port), timeout=5) for _ in range(10)]
+    for s in gone + stay:
+        s.sendall(req)
+    time.sleep(0.1)
+    for s in gone:
+        s.close()
+    codes = []
+    for s in stay:
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        codes.append(int(data.split(b" ", 2)[1]))
+    # Redis decided all 20 (those that left were charged too, as they were
+    # allowed before they left): at most 5 of the 10 still there passed
+    assert set(codes) <= {200, 429} and codes.count(200) <= 5, codes
+    assert "fallback" not in p.stdout()
+    assert hit(p.port, uniq()).status == 200
+    assert p.poll() is None
+
+
+def test_batch_max_bounds_a_call(portico, redis):
+    """batch_max 1: one call per request, as without batching; batch_max 3:
+    at least one call per three requests. The limit stays exact either way."""
+    rd = redis()
+    for bmax, least in ((1, 40), (3, 14)):
+        p = start(portico, {"key": "header:X-Client", "rate": "50/m"}, rd.port,
+                  redis_extra={"batch_max": bmax})
+        assert hit(p.port, uniq()).status == 200
+        before = rd.cmdstat("evalsha")
+        c = uniq()
+        codes = burst(p.port, 20, c) + burst(p.port, 20, c)   # all under the limit
+        calls = rd.cmdstat("evalsha") - before
+        assert codes == [200] * 40, (bmax, codes)
+        assert least <= calls <= 40, (bmax, calls)
+        codes = burst(p.port, 20, c)
+        assert codes.count(200) == 10 and codes.count(429) == 10, (bmax, codes)

@@ -3,6 +3,8 @@
  * clock edges and on random arrivals; the in-process table
  * (rate_limit_local.h): exact under threads, several limits decided
  * together, expiry and eviction, SipHash against its reference vectors;
+ * the Redis batches' pure parts (rate_limit_batch.h): the key set, the
+ * plan's bytes, and answers decoded to what rate_limit_gcra.h decides;
  * and config parsing through the descriptor (parse_global for "redis",
  * parse_config for the filter). The backends are tested end to end
  * (tests/e2e/test_mod_rate_limit.py) with real Redis processes. */
@@ -14,6 +16,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "../../modules/rate_limit_batch.h"
 #include "../../modules/rate_limit_local.h"
 #include "module.h"
 #include "modules.h"
@@ -198,6 +201,118 @@ static void test_random_against_reference(void)
     }
 }
 
+/* ---- Redis batches (rate_limit_batch.h) --------------------------------- */
+
+static void test_strset(void)
+{
+    enum { MAX = 2048 };
+    static char strs[MAX][24];
+    void *mem = malloc(rl_strset_mem(MAX));
+    struct rl_strset s;
+    rl_strset_init(&s, MAX, mem);
+    /* each string gets the next index once; repeats find it again */
+    for (size_t i = 0; i < MAX; i++) {
+        int n = snprintf(strs[i], sizeof(strs[i]), "portico:rl:{%zx}:a", i * 7919);
+        CHECK_EQ_INT((long long)rl_strset_add(&s, strs[i], (size_t)n), (long long)i);
+    }
+    CHECK_EQ_INT((long long)s.n, MAX);
+    int bad = 0;
+    for (size_t i = 0; i < MAX; i++) {
+        char copy[24];
+        snprintf(copy, sizeof(copy), "%s", strs[i]); /* equal bytes, other address */
+        bad += rl_strset_add(&s, copy, strlen(copy)) != i;
+    }
+    CHECK_EQ_INT(bad, 0);
+    CHECK_EQ_INT((long long)s.n, MAX);
+    /* binary: a prefix and embedded NULs are other strings */
+    rl_strset_init(&s, 4, mem);
+    static const char bin[] = { 'a', 0, 'b', 0 };
+    CHECK_EQ_INT((long long)rl_strset_add(&s, bin, 4), 0);
+    CHECK_EQ_INT((long long)rl_strset_add(&s, bin, 3), 1);
+    CHECK_EQ_INT((long long)rl_strset_add(&s, bin, 1), 2);
+    CHECK_EQ_INT((long long)rl_strset_add(&s, bin, 4), 0);
+    CHECK_EQ_INT((long long)s.n, 3);
+    free(mem);
+}
+
+static void test_plan_bytes(void)
+{
+    unsigned char p[1 + 4 * RL_MAX_LIMITS];
+    size_t key[2] = { 0, 299 }, pol[2] = { 2, 65533 };
+    CHECK_EQ_INT((long long)rl_plan_put(p, 2, key, pol), 9);
+    static const unsigned char want[] = { 2, 0, 1, 0, 3, 1, 44, 255, 254 };
+    CHECK(memcmp(p, want, sizeof(want)) == 0);
+}
+
+static void test_resp_bytes(void)
+{
+    char buf[64], *e = buf;
+    e = rl_resp_num(e, '*', 3);
+    e = rl_resp_arg(e, "EVAL", 4);
+    e = rl_resp_arg(e, "", 0);
+    e = rl_resp_arg(e, "0123456789", 10);
+    static const char want[] = "*3\r\n$4\r\nEVAL\r\n$0\r\n\r\n$10\r\n0123456789\r\n";
+    CHECK_EQ_INT((long long)(e - buf), (long long)sizeof(want) - 1);
+    CHECK(memcmp(buf, want, sizeof(want) - 1) == 0);
+    CHECK_EQ_INT((long long)rl_resp_arg_len(4), 10);
+    CHECK_EQ_INT((long long)rl_resp_arg_len(0), 6);
+    CHECK_EQ_INT((long long)rl_resp_arg_len(10), 17);
+    CHECK_EQ_INT((long long)rl_resp_arg_len(12345), 1 + 5 + 2 + 12345 + 2);
+}
+
+/* What the script answers for a key `ahead` ns in the future under p, and
+ * whether the request passed: decoded, it must be what rate_limit_gcra.h
+ * decides for that key. */
+static void test_decode_against_gcra(void)
+{
+    static const uint64_t Ts[] = { 1000, 333333, 1000000, 12000000000ULL };
+    static const uint64_t bs[] = { 1, 2, 5, 1000 };
+    int bad = 0;
+    for (size_t a = 0; a < 4; a++) {
+        for (size_t c = 0; c < 4; c++) {
+            struct gcra_policy p = { Ts[a], bs[c] };
+            const struct gcra_policy *pp = &p;
+            for (int i = 0; i < 2000; i++) {
+                uint64_t ahead = next_rand() % (Ts[a] * bs[c] + Ts[a]);
+                struct gcra_result g;
+                gcra_decide(ahead, 0, &p, &g);
+                long long v = g.allowed ? (long long)ahead : -1 - (long long)ahead;
+                struct rl_outcome o;
+                if (rl_batch_decode(&v, 1, &pp, &o) < 0 || o.allowed != g.allowed ||
+                    o.remaining[0] != g.remaining || o.reset_ms[0] != rl_ceil_ms(g.reset) ||
+                    o.retry_ms[0] != rl_ceil_ms(g.retry))
+                    bad++;
+            }
+        }
+    }
+    CHECK_EQ_INT(bad, 0);
+
+    /* two limits, the second over: refused; the first reports its own room */
+    struct gcra_policy p1 = { 1000000, 10 }, p2 = { 1000000000, 1 };
+    const struct gcra_policy *pol[2] = { &p1, &p2 };
+    long long v[2] = { -1 - 3000000, -1 - 500000000 };
+    struct rl_outcome o;
+    CHECK_EQ_INT(rl_batch_decode(v, 2, pol, &o), 0);
+    CHECK_EQ_INT(o.allowed, 0);
+    CHECK_EQ_INT((long long)o.remaining[0], 6); /* (10 - 3 - 1) requests of room */
+    CHECK_EQ_INT((long long)o.retry_ms[0], 0);
+    CHECK_EQ_INT((long long)o.remaining[1], 0);
+    CHECK_EQ_INT((long long)o.retry_ms[1], 500);
+    CHECK_EQ_INT((long long)o.reset_ms[1], 500);
+    /* both fresh: allowed, a full bucket less one */
+    long long z[2] = { 0, 0 };
+    CHECK_EQ_INT(rl_batch_decode(z, 2, pol, &o), 0);
+    CHECK_EQ_INT(o.allowed, 1);
+    CHECK_EQ_INT((long long)o.remaining[0], 9);
+    CHECK_EQ_INT((long long)o.reset_ms[0], 1);
+    CHECK_EQ_INT((long long)o.remaining[1], 0);
+    CHECK_EQ_INT((long long)o.reset_ms[1], 1000);
+    /* not an answer of the script: signs disagree, or no keys */
+    long long mixed[2] = { 5, -1 };
+    CHECK_EQ_INT(rl_batch_decode(mixed, 2, pol, &o), -1);
+    CHECK_EQ_INT(rl_batch_decode(z, 0, pol, &o), -1);
+}
+
 /* ---- the local table ---------------------------------------------------- */
 
 static void test_siphash_vectors(void)
@@ -334,7 +449,6 @@ static void test_table_threads(void)
 
 /* ---- config ------------------------------------------------------------- */
 
-
 /* redis: NULL (no section) or the section's JSON. */
 static int parse(const char *redis, const char *filter, char *err, size_t errlen)
 {
@@ -389,6 +503,10 @@ static void test_config_ok(void)
               "'1000/s', 'on_missing': 'skip'}], 'on_missing': 'fallback', 'fallback_key': "
               "'ip', 'headers': true}");
     expect_ok(__LINE__, "{'address': '127.0.0.1:6379'}", "{'key': 'ip', 'rate': '1/d'}");
+    expect_ok(__LINE__, "{'address': '127.0.0.1:6379', 'batch_max': 1}",
+              "{'key': 'ip', 'rate': '1/d'}");
+    expect_ok(__LINE__, "{'address': '127.0.0.1:6379', 'batch_max': 256}",
+              "{'key': 'ip', 'rate': '1/d'}");
     expect_ok(__LINE__, "{'address': '[::1]:6379', 'password': 'x', 'db': 3, 'timeout_ms': 20}",
               "{'key': 'ip', 'rate': '1/h', 'on_redis_error': 'deny'}");
     expect_ok(__LINE__, "{'address': 'unix:/run/redis.sock'}",
@@ -487,6 +605,10 @@ static void test_config_errors(void)
     expect_err(__LINE__, "{'address': '127.0.0.1:1', 'bogus': 1}", f, "redis.bogus: ", "unknown");
     expect_err(__LINE__, "{'address': '127.0.0.1:1', 'memo_size': 2000000}", f,
                "redis.memo_size: ", "1048576");
+    expect_err(__LINE__, "{'address': '127.0.0.1:1', 'batch_max': 0}", f,
+               "redis.batch_max: ", "from 1 to 256");
+    expect_err(__LINE__, "{'address': '127.0.0.1:1', 'batch_max': 257}", f,
+               "redis.batch_max: ", "from 1 to 256");
     expect_err(__LINE__,
                "{'address': '127.0.0.1:1', 'key_prefix': '"
                "0123456789012345678901234567890123456789012345678901234567890123456789'}",
@@ -504,6 +626,10 @@ int main(void)
     test_clock_edges();
     test_random_against_reference();
     test_siphash_vectors();
+    test_strset();
+    test_plan_bytes();
+    test_resp_bytes();
+    test_decode_against_gcra();
     test_table_exact_and_atomic();
     test_table_expiry_and_eviction();
     test_table_threads();
