@@ -295,7 +295,8 @@ static void resolve_client(struct request *r)
     struct conn *c = conn_of(r);
     r->client_addr_set = 1;
     memcpy(&r->client_addr, &c->peer, sizeof(c->peer));
-    snprintf(r->client_ip, sizeof(r->client_ip), "%s", c->peer_ip);
+    _Static_assert(sizeof(c->peer_ip) <= sizeof(r->client_ip), "client_ip holds peer_ip");
+    memcpy(r->client_ip, c->peer_ip, strlen(c->peer_ip) + 1);
     if (!c->trusted || r->head_consumed)
         return;
     const struct config *cfg = c->ps->cfg;
