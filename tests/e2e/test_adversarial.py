@@ -231,6 +231,15 @@ def fd_links(pid):
     return " ".join(out)
 
 
+def settled_fd_count(g):
+    """Portico's descriptors once it has answered a request: under load its
+    threads may still be making their wake-up pipes when it starts listening."""
+    with g.conn() as c:
+        c.request("GET", "/warm")
+        assert c.read_response().status == 200
+    return fd_count(g.portico.pid)
+
+
 def wait_fds(pid, at_most, timeout=5.0):
     """Wait until portico holds at most at_most descriptors; returns the count."""
     util.wait_until(lambda: fd_count(pid) <= at_most, timeout)
@@ -787,8 +796,7 @@ def test_abuse_leaks_no_connection_slots(gateway):
     # (no upstream pooling, so every descriptor left is a leak)
     g = gateway(limits={"max_connections": n, "header_timeout_ms": 300, "body_timeout_ms": 800,
                         "idle_timeout_ms": 800}, upstream_opts={"keepalive": 0})
-    time.sleep(0.2)
-    fds0 = fd_count(g.portico.pid)
+    fds0 = settled_fd_count(g)
     for i in range(30):
         s = socket.create_connection(("127.0.0.1", g.port), timeout=2)
         kind = i % 5
@@ -843,7 +851,7 @@ def test_half_close_after_proxied_request_cancels_without_leaks(gw):
     response may not arrive. What must hold: no leak, no crash, no partial
     or garbled answer, and the cancel reaches the upstream."""
     pid = gw.portico.pid
-    fds0 = fd_count(pid)
+    fds0 = settled_fd_count(gw)
     for i in range(20):
         with gw.conn(timeout=3.0) as c:
             c.send(util.build_request("GET", "/slow/300"))
@@ -883,7 +891,7 @@ def test_eof_in_the_same_segment_as_the_last_bytes_is_seen(gw, last):
 
 def test_client_reset_mid_stream(gw):
     pid = gw.portico.pid
-    fds0 = fd_count(pid)
+    fds0 = settled_fd_count(gw)
     for _ in range(5):
         s = socket.create_connection(("127.0.0.1", gw.port), timeout=3)
         s.sendall(util.build_request("GET", "/big/%d" % (64 << 20)))
