@@ -780,16 +780,32 @@ def test_grpc_errors_from_portico_are_grpc_statuses(h2gw, cert, portico_bin):
     v = subprocess.run([portico_bin, "-V"], capture_output=True, text=True).stdout
     routes = [{"path": "/svc.Up/", "upstream": "echo"},
               {"path": "/svc.Down/", "upstream": "down"}]
+    top = {}
     if "ip_access" in v:
         routes.append({"path": "/svc.Denied/", "upstream": "echo",
                        "filters": [{"ip_access": {"deny": ["127.0.0.0/8"]}}]})
+    if "jwt_auth" in v:
+        top["jwt_providers"] = {"hs": {"issuer": "t", "algorithms": ["HS256"],
+                                       "secret": "0123456789abcdef0123456789abcdef"}}
+        routes.append({"path": "/svc.Auth/", "upstream": "echo",
+                       "filters": [{"jwt_auth": {"provider": "hs"}}]})
+    if "rate_limit" in v:
+        routes.append({"path": "/svc.Limited/", "upstream": "echo",
+                       "filters": [{"rate_limit": {"key": "ip", "rate": "1/m", "burst": 1}}]})
     _, port, _, _ = h2gw(routes=routes,
-                         upstreams={"down": {"endpoints": ["127.0.0.1:%d" % free_port()]}})
+                         upstreams={"down": {"endpoints": ["127.0.0.1:%d" % free_port()]}}, **top)
     c = H2Client(port, cert)
     body = grpc_frame(b"\x0a\x03abc")
     want = {"/svc.Nope/Call": "12", "/svc.Down/Call": "14"}
     if "ip_access" in v:
         want["/svc.Denied/Call"] = "7"
+    if "jwt_auth" in v:
+        want["/svc.Auth/Call"] = "16"  # no token: 401 UNAUTHENTICATED
+    if "rate_limit" in v:
+        first = c.request("/svc.Limited/Call", method="POST", headers=GRPC_HEADERS, body=body)
+        (f,) = c.wait([first])
+        assert f["status"] == 200 and "grpc-status" not in dict(f["headers"])  # the echo's
+        want["/svc.Limited/Call"] = "8"  # the second: 429 RESOURCE_EXHAUSTED
     sids = {path: c.request(path, method="POST", headers=GRPC_HEADERS, body=body)
             for path in want}
     plain = c.request("/svc.Nope/Call")  # not gRPC: a plain 404
