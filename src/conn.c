@@ -879,7 +879,8 @@ static void request_begin(struct conn *c, size_t head_len)
     r->has_body = h->chunked || h->content_length > 0;
     r->rb = h->chunked ? RB_CHUNKED : h->content_length > 0 ? RB_LENGTH : RB_NONE;
     r->rb_left = h->content_length > 0 ? (uint64_t)h->content_length : 0;
-    const struct http_header *ct = find_header(h, "content-type");
+    /* gRPC calls are POSTs: other requests skip the field scan. */
+    const struct http_header *ct = h->method == HTTP_M_POST ? find_header(h, "content-type") : NULL;
     r->grpc = ct && ct->value.len >= 16 && strncasecmp(ct->value.p, "application/grpc", 16) == 0;
 
     struct uri_target t;
@@ -1534,44 +1535,18 @@ static int upstream_read(struct conn *c, int *eof)
     size_t space = buf_make_room(&u->in);
     if (space == 0)
         return 0;
-    ssize_t n;
-    if (u->ssl) {
-        n = tls_read(u->ssl, u->in.data + u->in.end, space);
-        u->tls_rw = n == TLS_WANT_WRITE;
-        if (n == TLS_WANT_READ || n == TLS_WANT_WRITE) {
-            u->readable = 0;
-            return 0;
-        }
-        if (n == TLS_FATAL) {
-            log_debug("upstream TLS read: %s", tls_last_error(u->ssl));
-            n = -1;
-            errno = ECONNRESET;
-        } else if (n > 0) {
-            /* see client_read_tls */
-            u->in.end += (size_t)n;
-            if (!u->rdhup && tls_drained(u->ssl))
-                u->readable = 0;
-            c->req.up_activity_ms = worker_now_ms(c->w);
-            return 1;
-        }
-    } else {
-        n = read(u->fd, u->in.data + u->in.end, space);
-    }
+    ssize_t n = upconn_read(u, u->in.data + u->in.end, space);
     if (n > 0) {
         u->in.end += (size_t)n;
-        if ((size_t)n < space && !u->rdhup)
-            u->readable = 0;
         c->req.up_activity_ms = worker_now_ms(c->w);
         return 1;
     }
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-        u->readable = 0;
+    if (n < 0 && errno == EAGAIN)
         return 0;
-    }
     if (n < 0 && errno == EINTR)
         return 1;
-    u->readable = 0;
     *eof = n < 0 ? -1 : 1;
+    u->readable = 0;
     return 1;
 }
 

@@ -467,29 +467,9 @@ int h2up_read(struct conn *c, struct upconn *u, int *eof)
     if (!u->readable)
         return progress;
     char tmp[16384];
-    ssize_t n;
-    if (u->ssl) {
-        n = tls_read(u->ssl, tmp, sizeof(tmp));
-        u->tls_rw = n == TLS_WANT_WRITE;
-        if (n == TLS_WANT_READ || n == TLS_WANT_WRITE) {
-            u->readable = 0;
-            return progress;
-        }
-        if (n == TLS_FATAL) {
-            n = -1;
-            errno = ECONNRESET;
-        } else if (n > 0 && !u->rdhup && tls_drained(u->ssl)) {
-            u->readable = 0;
-        }
-    } else {
-        n = read(u->fd, tmp, sizeof(tmp));
-        if (n > 0 && (size_t)n < sizeof(tmp) && !u->rdhup)
-            u->readable = 0;
-    }
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-        u->readable = 0;
+    ssize_t n = upconn_read(u, tmp, sizeof(tmp));
+    if (n < 0 && errno == EAGAIN)
         return progress;
-    }
     if (n < 0 && errno == EINTR)
         return 1;
     if (n <= 0) {

@@ -137,34 +137,14 @@ static int up_read(struct conn *c)
     size_t space = buf_make_room(&u->in);
     if (space == 0)
         return 0;
-    ssize_t n;
-    if (u->ssl) {
-        n = tls_read(u->ssl, u->in.data + u->in.end, space);
-        u->tls_rw = n == TLS_WANT_WRITE;
-        if (n == TLS_WANT_READ || n == TLS_WANT_WRITE) {
-            u->readable = 0;
+    ssize_t n = upconn_read(u, u->in.data + u->in.end, space);
+    if (n < 0) {
+        if (errno == EAGAIN)
             return 0;
-        }
-        if (n == TLS_FATAL) {
-            log_debug("tunnel: upstream TLS read: %s", tls_last_error(u->ssl));
-            return tunnel_fail(c, "upstream_error");
-        }
-        if (n > 0 && !u->rdhup && tls_drained(u->ssl))
-            u->readable = 0;
-    } else {
-        n = read(u->fd, u->in.data + u->in.end, space);
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                u->readable = 0;
-                return 0;
-            }
-            if (errno == EINTR)
-                return 1;
-            log_debug("tunnel: upstream read: %s", strerror(errno));
-            return tunnel_fail(c, "upstream_error");
-        }
-        if (n > 0 && (size_t)n < space && !u->rdhup)
-            u->readable = 0;
+        if (errno == EINTR)
+            return 1;
+        log_debug("tunnel: upstream read: %s", strerror(errno));
+        return tunnel_fail(c, "upstream_error");
     }
     if (n == 0) {
         r->tun_up_eof = 1;

@@ -1,6 +1,7 @@
 #include "upstream.h"
 #include "h2up.h"
 #include "log.h"
+#include "tls.h"
 #include "resil.h"
 #include "worker.h"
 
@@ -144,6 +145,40 @@ void upconn_release(struct upconn *u)
         p->idle->prev = u;
     p->idle = u;
     p->nidle++;
+}
+
+ssize_t upconn_read(struct upconn *u, char *dst, size_t space)
+{
+    ssize_t n;
+    if (u->ssl) {
+        /* TLS records may sit inside the SSL object, where no edge will
+         * announce them: readable until OpenSSL says it holds nothing. */
+        n = tls_read(u->ssl, dst, space);
+        u->tls_rw = n == TLS_WANT_WRITE;
+        if (n == TLS_WANT_READ || n == TLS_WANT_WRITE) {
+            u->readable = 0;
+            errno = EAGAIN;
+            return -1;
+        }
+        if (n == TLS_FATAL) {
+            log_debug("upstream TLS read: %s", tls_last_error(u->ssl));
+            errno = ECONNRESET;
+            return -1;
+        }
+        if (n > 0 && !u->rdhup && tls_drained(u->ssl))
+            u->readable = 0;
+    } else {
+        n = read(u->fd, dst, space);
+        if (n > 0 && (size_t)n < space && !u->rdhup)
+            u->readable = 0;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            u->readable = 0;
+            errno = EAGAIN;
+        }
+    }
+    if (n == 0)
+        u->readable = 0;
+    return n;
 }
 
 void upconn_close(struct upconn *u)

@@ -67,6 +67,11 @@ struct upconn *upconn_get(struct pool *p, struct conn *owner, size_t in_cap, siz
 /* Give an ACTIVE connection back to its pool; closes it instead when the
  * pool is full or the connection reached keepalive_requests. */
 void upconn_release(struct upconn *u);
+/* Read from the connection (TLS or plain) into dst. Returns the bytes
+ * read, 0 at EOF, or -1 with errno EAGAIN (nothing now), EINTR (again) or
+ * an error (a TLS failure is ECONNRESET). Keeps u->readable as the
+ * edge-triggered events need: cleared once the socket has nothing more. */
+ssize_t upconn_read(struct upconn *u, char *dst, size_t space);
 /* Close and free (any state). */
 void upconn_close(struct upconn *u);
 /* Close idle connections older than the upstream's keepalive_timeout_ms. */
