@@ -422,6 +422,25 @@ def test_resumption_with_openssl_cli(tls_gw, tmp_path):
         assert "Reused," in out, out
 
 
+def test_resumption_chained_each_resumed_handshake_gets_a_new_ticket(tls_gw, tmp_path):
+    """OpenSSL's TLS 1.3 client (wrk, curl, Python) and browsers use a ticket
+    once and resume with the newest one; without a new ticket after each
+    resumption, every other connection was a full handshake."""
+    _, port, _ = tls_gw(workers=2)
+    req = b"GET / HTTP/1.1\r\nHost: alpha.test\r\nConnection: close\r\n\r\n"
+    prev = str(tmp_path / "sess0.pem")
+    out = s_client(port, "-servername", "alpha.test", "-ign_eof", "-tls1_3", "-sess_out", prev,
+                   input=req)
+    assert "New, TLSv1.3" in out and "HTTP/1.1 200" in out, out
+    for i in range(1, 7):
+        nxt = str(tmp_path / ("sess%d.pem" % i))
+        out = s_client(port, "-servername", "alpha.test", "-ign_eof", "-tls1_3", "-msg",
+                       "-sess_in", prev, "-sess_out", nxt, input=req)
+        assert "Reused, TLSv1.3" in out, "connection %d was not resumed:\n%s" % (i, out)
+        assert "NewSessionTicket" in out, "no new ticket after resumption %d" % i
+        prev = nxt
+
+
 def test_resumption_by_session_id_across_workers(tls_gw, certs):
     """Without tickets, TLS 1.2 clients resume from the server's session
     cache, which the workers share."""
