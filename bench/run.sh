@@ -13,7 +13,7 @@
 #   BENCH_CONNS      wrk connections (default 64)
 #   BENCH_PROXIES    subset/order of "portico nginx haproxy"
 #   BENCH_CASES      subset of "small 4k 64k close filters ratelimit jwt
-#                    resilience tls tlsnew tlsidle h2" (default: small 4k 64k close).
+#                    resilience tls tlsnew tlsfull tlsidle h2" (default: small 4k 64k close).
 #                    "filters" measures Portico alone: the route without
 #                    filters vs the same route with request_id, headers
 #                    and cors, and prints the ratio (goal >= 0.95).
@@ -24,7 +24,11 @@
 #                    without auth vs jwt_auth with RS256 and ES256 tokens,
 #                    with and without the verified-token cache (goal with
 #                    it >= 0.90). "tls": /small with keep-alive over TLS;
-#                    "tlsnew": a new TLS connection (full handshake) per
+#                    "tlsnew": a new TLS connection per request, as wrk
+#                    makes them: it resumes the session (TLS 1.3 ticket);
+#                    "tlsfull": the same with resumption turned off on a
+#                    listener of its own in every proxy (a full handshake
+#                    per request);
 #                    request; "tlsidle": the proxies' memory with
 #                    BENCH_IDLE_CONNS (5000) idle TLS connections open
 #                    "resilience": the plain route (one endpoint, no
@@ -38,7 +42,8 @@
 #                    p50 is h2load's mean, p99 is not measured (0)
 #   BENCH_IDLE_CONNS idle TLS connections for tlsidle (default 5000)
 #   BENCH_PORT_BASE  first of the ports used (default 18800: origin 18800,
-#                    proxies 18801-18810, their TLS listeners 18811-18813)
+#                    proxies 18801-18810, their TLS listeners 18811-18813,
+#                    and without resumption 18814-18816)
 #   BENCH_PROXY_CPU  core for the proxy under test (default 0)
 #   BENCH_LOAD_CPU   core for the origin and wrk (default 1)
 #   BENCH_OUT        if set, the raw results (TSV) are copied there
@@ -63,6 +68,8 @@ PORT_ORIGIN=$B
 declare -A PORT=([portico]=$((B + 1)) [nginx]=$((B + 2)) [haproxy]=$((B + 3)))
 # TLS listeners of the same processes, used by the tls* cases only.
 declare -A TLSPORT=([portico]=$((B + 11)) [nginx]=$((B + 12)) [haproxy]=$((B + 13)))
+# ... and their TLS listeners without session resumption (case tlsfull): +3.
+declare -A TLSFULLPORT=([portico]=$((B + 14)) [nginx]=$((B + 15)) [haproxy]=$((B + 16)))
 BENCH_IDLE_CONNS=${BENCH_IDLE_CONNS:-5000}
 ORIGIN="127.0.0.1:$PORT_ORIGIN"
 
@@ -87,7 +94,7 @@ CMP_CASES=() # the cases that compare the proxies with wrk (not "filters", "tlsi
 for c in "${CASES[@]}"; do
     case $c in
         small | 4k | 64k | close) CMP_CASES+=("$c") ;;
-        tls | tlsnew)
+        tls | tlsnew | tlsfull)
             CMP_CASES+=("$c")
             TLS=1
             ;;
@@ -137,7 +144,7 @@ if [[ " ${PROXIES[*]} " == *" portico "* ]] || ((FILTERS)) || ((RATELIMIT)) || (
 cd build && ../configure && make) or set PORTICO_BIN"
 fi
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for port in "$PORT_ORIGIN" "${PORT[@]}" "${TLSPORT[@]}" ${PORT_REDIS:-} ${PORT_DYING:-}; do
+for port in "$PORT_ORIGIN" "${PORT[@]}" "${TLSPORT[@]}" "${TLSFULLPORT[@]}" ${PORT_REDIS:-} ${PORT_DYING:-}; do
     ! port_busy "$port" || die "port $port is already in use; stop whatever listens there"
 done
 ncpu=$(nproc)
@@ -188,10 +195,11 @@ render() {
     if ((TLS)) && [[ -n ${5:-} ]]; then
         tls_on=(-e 's|^\([[:space:]]*\)#TLS |\1|')
         tls_listener=", { \"address\": \"127.0.0.1:$5\", \"tls\": { \"certificates\": [ { \"cert\": \"$TMP/tls/cert.pem\", \"key\": \"$TMP/tls/key.pem\" } ] } }"
+        tls_listener+=", { \"address\": \"127.0.0.1:$(($5 + 3))\", \"tls\": { \"certificates\": [ { \"cert\": \"$TMP/tls/cert.pem\", \"key\": \"$TMP/tls/key.pem\" } ], \"session_tickets\": false, \"session_cache\": 0 } }"
     fi
     sed -e "s|@DIR@|$3|g" -e "s|@PORT@|$4|g" -e "s|@UPSTREAM@|$ORIGIN|g" \
         -e "s|@USER@|$user|g" -e "s|@REDIS@|${PORT_REDIS:-0}|g" \
-        -e "s|@ORIGIN_PORT@|$PORT_ORIGIN|g" -e "s|@DYING_PORT@|${PORT_DYING:-0}|g" -e "s|@TLSPORT@|${5:-}|g" -e "s|@TLSDIR@|$TMP/tls|g" \
+        -e "s|@ORIGIN_PORT@|$PORT_ORIGIN|g" -e "s|@DYING_PORT@|${PORT_DYING:-0}|g" -e "s|@TLSPORT@|${5:-}|g" -e "s|@TLSFULLPORT@|$((${5:-0} + 3))|g" -e "s|@TLSDIR@|$TMP/tls|g" \
         -e "s|@TLS_LISTENER@|$tls_listener|g" "${tls_on[@]}" "$ROOT/bench/conf/$1" >"$2"
 }
 
@@ -481,7 +489,7 @@ wrk_run() {
     fi
     [[ $2 != tls* ]] || scheme=https
     url="$scheme://127.0.0.1:$1$(path_of "$2")"
-    [[ $2 != close && $2 != tlsnew ]] || hdr=(-H "Connection: close")
+    [[ $2 != close && $2 != tlsnew && $2 != tlsfull ]] || hdr=(-H "Connection: close")
     [[ $2 != filters ]] || hdr=(-H "Origin: $FILTER_ORIGIN")
     [[ $2 != over ]] || url="http://127.0.0.1:$1/over"
     if [[ $2 == jwt ]]; then
@@ -506,6 +514,7 @@ measure() { # measure CASE PROXY ROUND (PROXY: a proxy, or a runner of the jwt c
     local c=$1 p=$2 r=$3 out=$TMP/wrk-$1-$2-$3.txt proc=${RUNNER_PROC[$2]:-$2}
     local port=${PORT[$proc]}
     [[ $c != tls* && $c != h2 ]] || port=${TLSPORT[$p]}
+    [[ $c != tlsfull ]] || port=${TLSFULLPORT[$p]}
     wrk_run "$port" "$c" "$BENCH_WARMUP" "$TMP/warmup.txt" "$p" ||
         die "$p/$c: wrk warm-up failed: $(cat "$TMP/warmup.txt")"
     local t0 t1 n0 n1 rc0=0 rc1=0 rt0=0 rt1=0
