@@ -18,6 +18,9 @@
 #define LOG_FLUSH_MS 100
 #define ACCEPT_BATCH 64
 #define TRIM_BATCH 256
+/* Pools are swept and idle connections give their request arena back this
+ * often, so an idle connection holds no arena after 2 ticks at most. */
+#define TICK_MS 250
 
 int worker_total_conns;
 
@@ -281,7 +284,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
                 pool_sweep(&ps->pools[u][e], now);
     int trimmed = 0;
     for (struct conn *c = w->conns; c; c = c->next)
-        trimmed += conn_trim_idle(c, now - 1000);
+        trimmed += conn_trim_idle(c, now - TICK_MS);
     /* Freed arena blocks sit between live connections, where free() does
      * not return them to the system; after many, ask malloc to. */
     if (trimmed >= TRIM_BATCH)
@@ -330,8 +333,8 @@ struct worker *worker_new(int id, struct config *cfg, const int *listen_fds, cha
     event_assign(&w->ctrl_ev, w->base, w->ctrl_fd[0], EV_READ | EV_PERSIST, on_ctrl, w);
     event_add(&w->ctrl_ev, NULL);
     event_assign(&w->tick_ev, w->base, -1, EV_PERSIST, on_tick, w);
-    struct timeval one_sec = { 1, 0 };
-    event_add(&w->tick_ev, &one_sec);
+    struct timeval tick = { 0, TICK_MS * 1000 };
+    event_add(&w->tick_ev, &tick);
     /* Each module built in gets its per-worker start, on this worker's loop. */
     for (size_t i = 0; portico_modules[i]; i++) {
         const struct module *m = portico_modules[i];
