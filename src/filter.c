@@ -421,6 +421,8 @@ static struct kv *kv_new(struct request *r, const char *key, const char *value)
 
 void request_log_field(struct request *r, const char *key, const char *value)
 {
+    if (conn_of(r)->w->log_fd < 0)
+        return; /* no access log: nothing would read it */
     struct kv *f = kv_new(r, key, value);
     if (!r->log_fields_tail)
         r->log_fields_tail = &r->log_fields;
@@ -451,9 +453,51 @@ const char *request_var(const struct request *r, const char *name)
 
 struct event_base *request_event_base(const struct request *r) { return conn_of(r)->w->base; }
 
+/* Modules count per request with labels such as the route and an outcome:
+ * finding the series from the strings was two thirds of a local rate
+ * limit's cost. Each worker thread remembers the series it used, by the
+ * argument pointers, checked against copies of the values (a pointer may
+ * be reused for another value). Series live as long as their table. */
+#define MM_CACHE 64
+#define MM_VALUE 48
+struct mm_entry {
+    const struct metrics *m;
+    const char *name, *k1, *k2, *v1p, *v2p;
+    char v1[MM_VALUE], v2[MM_VALUE];
+    struct metric_series *s;
+};
+static __thread struct mm_entry mm_cache[MM_CACHE];
+
+static int mm_copy(char *dst, const char *v)
+{
+    size_t l = v ? strlen(v) : 0;
+    if (l >= MM_VALUE)
+        return -1;
+    memcpy(dst, v ? v : "", l + 1);
+    return 0;
+}
+
 void module_metric_add(const char *name, uint64_t n, const char *k1, const char *v1,
                        const char *k2, const char *v2)
 {
-    metrics_add(metrics_thread(), name, n, k1, v1, k1 ? k2 : NULL, v2, NULL, NULL);
+    struct metrics *m = metrics_thread();
+    if (!k1)
+        k2 = NULL;
+    if (m->shared) {
+        metrics_add(m, name, n, k1, v1, k2, v2, NULL, NULL);
+        return;
+    }
+    uintptr_t h = (uintptr_t)name ^ ((uintptr_t)v1 * 31) ^ ((uintptr_t)v2 * 131);
+    struct mm_entry *e = &mm_cache[(h >> 4) % MM_CACHE];
+    if (e->s && e->m == m && e->name == name && e->k1 == k1 && e->k2 == k2 && e->v1p == v1 &&
+        e->v2p == v2 && strcmp(e->v1, v1 ? v1 : "") == 0 && strcmp(e->v2, v2 ? v2 : "") == 0) {
+        metrics_series_add(e->s, n);
+        return;
+    }
+    struct metric_series *s = metrics_counter(m, name, k1, v1, k2, v2, NULL, NULL);
+    metrics_series_add(s, n);
+    struct mm_entry fresh = { .m = m, .name = name, .k1 = k1, .k2 = k2, .v1p = v1, .v2p = v2, .s = s };
+    if (mm_copy(fresh.v1, v1) == 0 && mm_copy(fresh.v2, v2) == 0)
+        *e = fresh;
 }
 int request_worker_id(const struct request *r) { return conn_of(r)->w->id; }

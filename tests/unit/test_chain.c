@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "metrics.h"
 #include "module.h"
 #include "modules.h"
 #include "worker.h"
@@ -518,6 +519,38 @@ static void test_local_answers(void)
     CHECK_EVENTS("g:request g:response g:log");
 }
 
+/* module_metric_add remembers series per worker thread: the same
+ * pointer holding another value must count into that value's series. */
+static void test_module_metric_cache(void)
+{
+    struct metrics m;
+    metrics_init(&m, 0);
+    metrics_register(&m);
+    metrics_set_thread(&m);
+    char route[64];
+    strcpy(route, "alpha");
+    module_metric_add("t_cache_total", 1, "route", route, "outcome", "allowed");
+    module_metric_add("t_cache_total", 2, "route", route, "outcome", "allowed");
+    module_metric_add("t_cache_total", 4, "route", route, "outcome", "limited");
+    strcpy(route, "beta");
+    module_metric_add("t_cache_total", 8, "route", route, "outcome", "allowed");
+    /* a value too long to remember still counts */
+    memset(route, 'x', 60);
+    route[60] = 0;
+    module_metric_add("t_cache_total", 16, "route", route, "outcome", "allowed");
+    module_metric_add("t_cache_total", 32, "route", route, "outcome", "allowed");
+    module_metric_add("t_cache_plain_total", 64, NULL, NULL, NULL, NULL);
+    module_metric_add("t_cache_plain_total", 64, NULL, NULL, NULL, NULL);
+    CHECK(metrics_sum("t_cache_total", "route", "alpha", "outcome", "allowed") == 3);
+    CHECK(metrics_sum("t_cache_total", "route", "alpha", "outcome", "limited") == 4);
+    CHECK(metrics_sum("t_cache_total", "route", "beta", NULL, NULL) == 8);
+    CHECK(metrics_sum("t_cache_total", "route", route, NULL, NULL) == 48);
+    CHECK(metrics_sum("t_cache_plain_total", NULL, NULL, NULL, NULL) == 128);
+    metrics_set_thread(NULL);
+    metrics_unregister(&m);
+    metrics_free(&m);
+}
+
 int main(void)
 {
     int up_port;
@@ -584,6 +617,7 @@ int main(void)
     test_pause_then_disconnect();
     test_answer_from_response();
     test_local_answers();
+    test_module_metric_cache();
 
     worker_request_stop(w);
     pthread_join(w->thread, NULL);
