@@ -672,6 +672,44 @@ static int conn_handshake(struct conn *c)
     return 1;
 }
 
+/* RS_BODY_WAIT: the body goes straight into its copy, and no further:
+ * the head stays where it is in c->in (its parsed fields point there). */
+static int body_wait_read(struct conn *c)
+{
+    struct request *r = &c->req;
+    size_t space = r->replay_len - r->replay.end;
+    if (space == 0)
+        return 0;
+    char *dst = r->replay.data + r->replay.end;
+    ssize_t n;
+    if (c->ssl) {
+        n = tls_read(c->ssl, dst, space);
+        c->tls_rw = 0;
+        if (n == TLS_WANT_READ || n == TLS_WANT_WRITE) {
+            c->readable = 0;
+            c->tls_rw = n == TLS_WANT_WRITE;
+            return 0;
+        }
+    } else {
+        n = read(c->fd, dst, space);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            c->readable = 0;
+            return 0;
+        }
+        if (n < 0 && errno == EINTR)
+            return 1;
+    }
+    if (n > 0) {
+        r->replay.end += (size_t)n;
+        r->bytes_in += (size_t)n;
+        r->rb_total += (size_t)n;
+        return 1;
+    }
+    c->eof = 1;
+    c->readable = 0;
+    return 1;
+}
+
 static int client_read(struct conn *c)
 {
     if (!c->readable || c->eof || c->dead)
@@ -718,6 +756,8 @@ static int client_read(struct conn *c)
             c->readable = 0;
         return 0;
     }
+    if (c->req.rs == RS_BODY_WAIT)
+        return body_wait_read(c);
     size_t space = buf_make_room(&c->in);
     if (space == 0)
         return 0;
@@ -1136,11 +1176,70 @@ static int proxy_try_begin(struct conn *c, int idx)
     return 0;
 }
 
+static int may_retry_request(const struct request *r)
+{
+    const struct resil_retry *rt = &r->route->upstream->resil->retry;
+    return rt->attempts > 1 &&
+           (method_idempotent(r->head.method) || rt->non_idempotent || r->route->retry_non_idempotent);
+}
+
+/* A small Content-Length body is kept for retries. When it did not all
+ * come with the head, it is read into a copy first, and the first try
+ * starts once it is complete (as Envoy buffers a body up to its limit);
+ * meanwhile the request holds no upstream slot. */
+static int body_wait_begin(struct conn *c)
+{
+    struct request *r = &c->req;
+    const struct resil_retry *rt = &r->route->upstream->resil->retry;
+    size_t have = buf_len(&c->in) - r->head_len;
+    if (r->rs == RS_BODY_WAIT || r->replay.data || c->h2s || r->ws || r->rb != RB_LENGTH ||
+        r->body_hooks || !may_retry_request(r) || r->rb_left > (uint64_t)rt->max_replay_body_bytes ||
+        have >= r->rb_left)
+        return 0;
+    r->replay_len = (size_t)r->rb_left;
+    r->replay.data = arena_alloc(&c->arena, r->replay_len);
+    r->replay.cap = r->replay_len;
+    r->replay.start = 0;
+    /* Every byte after the head belongs to this body (it is not complete):
+     * move them to the copy and leave the head alone. */
+    memcpy(r->replay.data, buf_head(&c->in) + r->head_len, have);
+    r->replay.end = have;
+    c->in.end -= have;
+    r->rb_total = have;
+    c->state = CS_REQUEST;
+    r->rs = RS_BODY_WAIT;
+    r->rb_start_ms = worker_now_ms(c->w);
+    if (r->head.expect_continue && r->head.minor == 1 && have == 0) {
+        static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        buf_append(&c->out, cont, sizeof(cont) - 1);
+        r->continue_sent = 1;
+    }
+    return 1;
+}
+
+/* The request again on a new try: the head (and a small body read with
+ * it) from up_head, a body read after the head from its rewound copy. */
+static void send_again(struct conn *c)
+{
+    struct request *r = &c->req;
+    buf_append(&c->up->out, r->up_head, r->up_head_len);
+    if (r->replay.data) {
+        r->replay.start = 0;
+        r->replay.end = r->replay_len;
+        c->up->span_src = &r->replay;
+        c->up->span_len = r->replay_len;
+    }
+    if (r->resil.body_kept)
+        r->rb = RB_FLUSH;
+}
+
 static void start_proxy(struct conn *c)
 {
     struct request *r = &c->req;
     const struct config_upstream *up = r->route->upstream;
     struct worker *w = c->w;
+    if (body_wait_begin(c))
+        return;
     c->state = CS_REQUEST;
     r->rs = RS_WAIT_HEAD;
     r->up_start_us = now_us();
@@ -1170,15 +1269,20 @@ static void start_proxy(struct conn *c)
     proxy_build_request(c, &c->up->out);
     const struct resil_retry *rt = &up->resil->retry;
     int idem = method_idempotent(r->head.method);
-    int may_retry =
-        rt->attempts > 1 && (idem || rt->non_idempotent || r->route->retry_non_idempotent);
+    int may_retry = may_retry_request(r);
     /* A small body already read in full is sent from a copy, so that a
      * retry can send it again; bigger or chunked bodies stream and are
      * not replayable. */
     size_t body_kept = 0;
-    if (may_retry && r->rb == RB_LENGTH && !r->body_hooks &&
-        r->rb_left <= (uint64_t)rt->max_replay_body_bytes &&
-        buf_len(&c->in) - r->head_len >= r->rb_left) {
+    if (r->replay.data) {
+        /* read into its copy while waiting (body_wait_begin): sent as a span */
+        r->rb_total = r->replay_len;
+        r->rb_left = 0;
+        r->rb = RB_FLUSH;
+        r->resil.body_kept = 1;
+    } else if (may_retry && r->rb == RB_LENGTH && !r->body_hooks &&
+               r->rb_left <= (uint64_t)rt->max_replay_body_bytes &&
+               buf_len(&c->in) - r->head_len >= r->rb_left) {
         body_kept = (size_t)r->rb_left;
         buf_append(&c->up->out, buf_head(&c->in) + r->head_len, body_kept);
         r->rb_total = r->rb_left;
@@ -1188,15 +1292,20 @@ static void start_proxy(struct conn *c)
     }
     /* Keep a copy for a retry, or for one replay on a fresh connection if
      * this pooled one turns out to be dead (requests without a body). */
-    if ((may_retry && (r->rb == RB_NONE || body_kept)) ||
+    if ((may_retry && (r->rb == RB_NONE || body_kept || r->replay.data)) ||
         (c->up->reused && r->rb == RB_NONE && idem)) {
         r->up_head_len = buf_len(&c->up->out) - before;
         r->up_head = arena_alloc(&c->arena, r->up_head_len);
         memcpy(r->up_head, buf_head(&c->up->out) + before, r->up_head_len);
     }
+    if (r->replay.data) {
+        c->up->span_src = &r->replay;
+        c->up->span_len = r->replay_len;
+    }
     buf_consume(&c->in, r->head_len + body_kept);
     r->head_consumed = 1;
-    if (r->head.expect_continue && r->has_body && buf_len(&c->in) == 0 && r->head.minor == 1) {
+    if (r->head.expect_continue && r->has_body && buf_len(&c->in) == 0 && r->head.minor == 1 &&
+        !r->continue_sent) {
         static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
         buf_append(&c->out, cont, sizeof(cont) - 1);
     }
@@ -1221,9 +1330,7 @@ static void retry_now(struct conn *c)
         upstream_gone(c, 502, "connect");
         return;
     }
-    buf_append(&c->up->out, r->up_head, r->up_head_len);
-    if (r->resil.body_kept)
-        r->rb = RB_FLUSH;
+    send_again(c);
     log_debug("retry %d of a request to upstream %s on %s", r->resil.attempts - 1, up->name,
               r->ep->address);
 }
@@ -1336,7 +1443,7 @@ static void upstream_gone(struct conn *c, int status, const char *why)
         if (c->up) {
             c->up->requests++;
             r->up_connect_deadline_ms = worker_now_ms(c->w) + (uint64_t)p->up->connect_timeout_ms;
-            buf_append(&c->up->out, r->up_head, r->up_head_len);
+            send_again(c);
             log_debug("retrying on a new connection to %s after %s", p->ep->address, why);
             return;
         }
@@ -1923,6 +2030,17 @@ static int request_step(struct conn *c)
 {
     struct request *r = &c->req;
     int progress = 0;
+    if (r->rs == RS_BODY_WAIT) {
+        if (r->replay.end == r->replay_len) {
+            start_proxy(c);
+            return 1;
+        }
+        if (c->eof) {
+            client_gone(c);
+            return 1;
+        }
+        return 0;
+    }
     if (r->rs == RS_PAUSED) {
         if (c->eof) {
             client_gone(c); /* the arena's cleanups tell the filter */

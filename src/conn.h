@@ -86,6 +86,7 @@ enum resp_state {
     RS_DONE,
     RS_ABORT,        /* response cut short: flush what we have, then close */
     RS_PAUSED,       /* a filter is waiting for something asynchronous */
+    RS_BODY_WAIT,    /* reading a small body into a copy before the first try (retries) */
     RS_TUNNEL,       /* the 101 of a WebSocket upgrade: the tunnel carries on (tunnel.c) */
 };
 
@@ -134,6 +135,9 @@ struct request {
     int up_write_failed;           /* the upstream stopped taking the request */
     int up_eof;                    /* the upstream closed (1) or reset (-1) */
     int head_consumed;             /* the head's bytes were dropped from c->in */
+    struct buf replay;             /* a kept request body read after the head (arena memory) */
+    size_t replay_len;             /* its length: replay is rewound for each try */
+    int continue_sent;             /* "100 Continue" already went out */
     /* filters */
     struct filter_run *chain;
     size_t nchain;

@@ -4,6 +4,7 @@ breaker (the ejected endpoint receives nothing while open), the retry
 budget, Retry-After, max_requests, health checks, the balancers and the
 shared state surviving a reload. Upstream request counts come from each
 echo's own /__stats."""
+import hashlib
 import json
 import signal
 import socket
@@ -90,6 +91,86 @@ def test_post_is_not_retried_unless_allowed(portico, upstream):
             for i in range(6)] == [200] * 6
     # GETs on the strict upstream are retried.
     assert [util.get(p.port, "/strict/g%d" % i).status for i in range(6)] == [200] * 6
+
+
+def _post_in_two_parts(port, target, body, expect=False, pause=0.15):
+    """A POST whose body does not come with its head: the head and a first
+    piece, a pause, then the rest (as clients that write head and body
+    separately, or a slow network, send it)."""
+    with util.Conn(port, timeout=5.0) as c:
+        head = ("POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n"
+                % (target, len(body), "Expect: 100-continue\r\n" if expect else "")).encode()
+        interim = []
+        if expect:
+            c.send(head)
+            r = c.read_response(skip_interim=False)
+            interim.append(r.status)
+            c.send(body[:1000])
+        else:
+            c.send(head + body[:1000])
+        time.sleep(pause)
+        c.send(body[1000:])
+        r = c.read_response()
+        while 100 <= r.status < 200:
+            interim.append(r.status)
+            r = c.read_response()
+        return r, interim
+
+
+def test_small_body_sent_after_the_head_is_kept_and_replayed(portico, upstream):
+    """A body up to max_replay_body_bytes is replayable even when it
+    arrives after the head (read into a copy before the first try), and
+    larger than the client read buffer (16 KiB)."""
+    alive = upstream("echo.py", "--name", "alive")
+    dead = "127.0.0.1:%d" % free_port()
+    cfg = make_config(upstreams={"u": {
+        "endpoints": [dead, alive.addr],
+        "retry": {"attempts": 2, "on": ["connect_failure"], "retry_non_idempotent": True,
+                  "max_replay_body_bytes": 60000}}},
+        routes=[{"path": "/", "upstream": "u"}])
+    p = portico(cfg)
+    body = bytes((i * 7) % 251 for i in range(50000))
+    for i in range(6):
+        r, interim = _post_in_two_parts(p.port, "/sink", body)
+        assert r.status == 200, (i, r)
+        assert r.json() == {"length": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+                            "framing": "length"}, r.json()
+        assert interim == []
+    # With Expect: 100-continue: one 100 Continue, then the answer.
+    for i in range(4):
+        r, interim = _post_in_two_parts(p.port, "/sink", body, expect=True)
+        assert interim == [100], (i, interim)
+        assert r.status == 200 and r.json()["length"] == len(body), r
+    # Requests went to the dead endpoint and were retried: none failed.
+    assert requests_of(alive) >= 10
+    # Over the limit, the body streams and the request is not retried.
+    big = bytes(70000)
+    statuses = [_post_in_two_parts(p.port, "/sink", big)[0].status for _ in range(6)]
+    assert 502 in statuses and 200 in statuses, statuses
+
+
+def test_body_wait_timeout_and_client_leaving(portico, upstream):
+    """While a kept body is read, the body deadline holds (408) and a client
+    that leaves costs nothing upstream."""
+    alive = upstream("echo.py", "--name", "alive")
+    cfg = make_config(upstreams={"u": {
+        "endpoints": [alive.addr],
+        "retry": {"attempts": 2, "on": ["connect_failure"], "retry_non_idempotent": True}}},
+        routes=[{"path": "/", "upstream": "u"}])
+    cfg.setdefault("limits", {})["body_timeout_ms"] = 400
+    p = portico(cfg)
+    before = requests_of(alive)
+    with util.Conn(p.port, timeout=5.0) as c:
+        c.send(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n" + b"a" * 100)
+        r = c.read_response()
+        assert r.status == 408, r
+    with util.Conn(p.port, timeout=5.0) as c:
+        c.send(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n" + b"a" * 100)
+    time.sleep(0.3)
+    assert requests_of(alive) == before
+    # and the gateway still answers
+    r, _ = _post_in_two_parts(p.port, "/sink", b"z" * 3000)
+    assert r.status == 200 and r.json()["length"] == 3000
 
 
 def test_breaker_opens_after_n_failures_and_closes_after_recovery(portico, upstream):
