@@ -122,7 +122,7 @@ void conn_accept(struct worker *w, const struct config_listener *lc, int fd,
     c->lc_cfg = config_ref(c->ps->cfg);
     const struct config_limits *l = &c->ps->cfg->limits;
     c->fd = fd;
-    memcpy(&c->peer, sa, salen);
+    memcpy(&c->peer, sa, salen < sizeof(c->peer) ? salen : sizeof(c->peer)); /* TCP: in or in6 */
     addr_format_ip(sa, c->peer_ip, sizeof(c->peer_ip));
     conn_check_trusted(c);
     buf_init(&c->in, in_cap(l));
@@ -147,7 +147,6 @@ void conn_accept(struct worker *w, const struct config_listener *lc, int fd,
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     event_assign(&c->ev, w->base, fd, EV_READ | EV_WRITE | EV_CLOSED | EV_ET | EV_PERSIST, on_client_event, c);
     event_assign(&c->timer, w->base, -1, 0, on_timer, c);
-    event_assign(&c->resume_ev, w->base, -1, 0, on_resume, c);
     event_add(&c->ev, NULL);
     metrics_add(&w->metrics, "portico_connections_accepted_total", 1, NULL, NULL, NULL, NULL, NULL,
                 NULL);
@@ -172,7 +171,8 @@ static void conn_free(struct conn *c)
     resil_req_end(&c->req.resil);
     event_del(&c->ev);
     event_del(&c->timer);
-    event_del(&c->resume_ev);
+    if (c->resume_ev)
+        event_free(c->resume_ev);
     free(c->tls_subject);
     free(c->tls_fp);
     arena_destroy(&c->arena);
@@ -413,7 +413,9 @@ static void on_resume(evutil_socket_t fd, short what, void *arg);
 
 void conn_schedule(struct conn *c)
 {
-    event_active(&c->resume_ev, EV_TIMEOUT, 1);
+    if (!c->resume_ev && !(c->resume_ev = event_new(c->w->base, -1, 0, on_resume, c)))
+        die("out of memory (event_new)");
+    event_active(c->resume_ev, EV_TIMEOUT, 1);
 }
 
 /* ---- request lifecycle ------------------------------------------------ */
@@ -2444,7 +2446,6 @@ struct conn *conn_stream_open(struct conn *p, struct h2_stream *st, const char *
     c->accept_ms = c->idle_since_ms;
     event_assign(&c->ev, w->base, -1, 0, on_client_event, c); /* never added */
     event_assign(&c->timer, w->base, -1, 0, on_timer, c);
-    event_assign(&c->resume_ev, w->base, -1, 0, on_resume, c);
     request_reset(c);
     conn_schedule(c);
     return c;

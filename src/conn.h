@@ -38,6 +38,14 @@
 #include "config.h"
 #include "http1.h"
 #include "resil.h"
+
+/* A client's IPv4 or IPv6 address and port: 28 bytes where a
+ * sockaddr_storage takes 128, and every connection keeps two. */
+union peer_addr {
+    struct sockaddr sa;
+    struct sockaddr_in in;
+    struct sockaddr_in6 in6;
+};
 #include "router.h"
 #include "tls.h"
 
@@ -153,9 +161,9 @@ struct request {
     struct header_edit *resp_edits, **resp_edits_tail;
     struct kv *log_fields, **log_fields_tail;
     struct kv *vars;
-    struct sockaddr_storage client_addr;
+    union peer_addr client_addr;
     int client_addr_set;
-    char client_ip[64];
+    char client_ip[48];            /* INET6_ADDRSTRLEN and then some */
     struct conn *conn;
     uint64_t up_activity_ms;       /* last upstream progress, for timeout_ms */
     /* WebSocket (tunnel.c) */
@@ -182,12 +190,13 @@ struct conn {
     signed char tls_cert;       /* client certificate looked at: 1 verified, -1 none, 0 not yet */
     char *tls_subject, *tls_fp; /* verified client certificate, when tls_cert == 1 */
     uint64_t accept_ms;
-    struct event ev, timer, resume_ev;
+    struct event ev, timer;
+    struct event *resume_ev;       /* made on the first pause: most never pause */
     enum conn_state state;
     unsigned readable : 1, writable : 1, eof : 1, dead : 1, rdhup : 1;
     unsigned close_after : 1;      /* close once the response is out */
     unsigned linger_needed : 1;
-    struct sockaddr_storage peer;
+    union peer_addr peer;
     char peer_ip[48];
     int trusted;                   /* peer is a trusted proxy */
     struct buf in, out;

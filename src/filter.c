@@ -316,27 +316,25 @@ static void resolve_client(struct request *r)
             while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
                 b--;
             end = s > p ? s - 1 : p;
-            char ip[64];
+            char ip[48]; /* a valid address has at most 45 characters */
             size_t n = (size_t)(b - a);
             if (n == 0 || n >= sizeof(ip))
                 return; /* garbage: stop at what we know */
             memcpy(ip, a, n);
             ip[n] = '\0';
-            struct sockaddr_storage ss;
+            union peer_addr ss;
             memset(&ss, 0, sizeof(ss));
-            struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
-            struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
-            if (inet_pton(AF_INET, ip, &s4->sin_addr) == 1)
-                s4->sin_family = AF_INET;
-            else if (inet_pton(AF_INET6, ip, &s6->sin6_addr) == 1)
-                s6->sin6_family = AF_INET6;
+            if (inet_pton(AF_INET, ip, &ss.in.sin_addr) == 1)
+                ss.in.sin_family = AF_INET;
+            else if (inet_pton(AF_INET6, ip, &ss.in6.sin6_addr) == 1)
+                ss.in6.sin6_family = AF_INET6;
             else
                 return;
-            memcpy(&r->client_addr, &ss, sizeof(ss));
+            r->client_addr = ss;
             snprintf(r->client_ip, sizeof(r->client_ip), "%s", ip);
             int trusted = 0;
             for (size_t k = 0; k < cfg->ntrusted_proxies; k++)
-                if (cidr_match(&cfg->trusted_proxies[k], (struct sockaddr *)&ss))
+                if (cidr_match(&cfg->trusted_proxies[k], &ss.sa))
                     trusted = 1;
             if (!trusted)
                 return;
