@@ -60,6 +60,11 @@ size_t accesslog_format(const struct accesslog_entry *e, char *out, size_t cap)
     put_str(&o, e->host, strlen(e->host), 256);
     put(&o, ",\"path\":", 8);
     put_str(&o, e->path, e->path_len, 1024);
+    put(&o, ",\"protocol\":", 12);
+    if (e->protocol)
+        put_str(&o, e->protocol, strlen(e->protocol), 16);
+    else
+        put(&o, "null", 4);
     n = snprintf(tmp, sizeof(tmp),
                  ",\"status\":%d,\"bytes_in\":%llu,\"bytes_out\":%llu,\"duration_ms\":%.3f,\"upstream_ms\":",
                  e->status, (unsigned long long)e->bytes_in, (unsigned long long)e->bytes_out,
@@ -183,6 +188,11 @@ static void put_var(struct out *o, const struct accesslog_entry *e, const char *
     } else if (IS("route")) {
         if (e->route)
             put_text(o, e->route, strlen(e->route), 128);
+        else
+            put(o, "-", 1);
+    } else if (IS("protocol")) {
+        if (e->protocol)
+            put_text(o, e->protocol, strlen(e->protocol), 16);
         else
             put(o, "-", 1);
     } else if (IS("tls_version") || IS("tls_cipher")) {

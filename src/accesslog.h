@@ -18,6 +18,7 @@ struct accesslog_entry {
     const char *host;
     const char *path;
     size_t path_len;
+    const char *protocol;  /* "HTTP/1.0", "HTTP/1.1", "HTTP/2.0"; NULL when the request line was not read */
     int status;
     uint64_t bytes_in, bytes_out;
     uint64_t duration_us;
@@ -35,7 +36,7 @@ size_t accesslog_format(const struct accesslog_entry *e, char *out, size_t cap);
 
 /* The same as a text line from a template: "%{name}" is replaced by a
  * field (time, client, method, host, path, status, bytes_in, bytes_out,
- * duration_ms, upstream_ms, route, upstream, tls_version, tls_cipher) or a filter's field
+ * duration_ms, upstream_ms, route, upstream, protocol, tls_version, tls_cipher) or a filter's field
  * (request_id, ...), "-" when absent; values are escaped (\xHH). */
 size_t accesslog_format_text(const struct accesslog_entry *e, const char *tmpl, char *out,
                              size_t cap);

@@ -546,6 +546,10 @@ static void request_log(struct conn *c)
         .host = r->host ? r->host : "",
         .path = r->path ? r->path : "",
         .path_len = r->path ? r->path_len : 0,
+        .protocol = strcmp(r->method, "-") == 0 ? NULL
+                    : c->h2s                    ? "HTTP/2.0"
+                    : r->head.minor == 0        ? "HTTP/1.0"
+                                                : "HTTP/1.1",
         .status = r->status,
         .bytes_in = r->bytes_in,
         .bytes_out = r->bytes_out,

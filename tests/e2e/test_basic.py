@@ -247,6 +247,7 @@ def test_access_log_to_file(gateway, tmp_path):
         assert isinstance(e["duration_ms"], (int, float)) and e["duration_ms"] >= 0
     get, post, hello = entries
     assert get["method"] == "GET" and get["status"] == 200
+    assert get["protocol"] == "HTTP/1.1"
     assert get["host"] == "h.example"
     assert get["path"].startswith("/x/y")
     assert get["route"] == "main"

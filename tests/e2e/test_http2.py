@@ -259,6 +259,22 @@ def test_curl_http2_get_proxied_and_local(h2gw, cert):
 
 
 @pytest.mark.skipif(not CURL, reason="curl not installed")
+def test_access_log_names_the_protocol(h2gw, cert, tmp_path):
+    log = tmp_path / "access.log"
+    _, port, _, _ = h2gw(access_log={"path": str(log)})
+    assert curl(port, cert, "/local")[:2] == ("2", 200)
+    assert curl(port, cert, "/local", "--http1.1")[:2] == ("1.1", 200)
+    deadline = time.monotonic() + 5
+    lines = []
+    while time.monotonic() < deadline:
+        lines = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()] if log.exists() else []
+        if len(lines) >= 2:
+            break
+        time.sleep(0.05)
+    assert [e["protocol"] for e in lines] == ["HTTP/2.0", "HTTP/1.1"], lines
+
+
+@pytest.mark.skipif(not CURL, reason="curl not installed")
 def test_curl_http2_bodies_both_ways(h2gw, cert, tmp_path):
     _, port, _, _ = h2gw()
     payload = os.urandom(3_000_000)

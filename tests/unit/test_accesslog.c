@@ -12,6 +12,24 @@ static struct accesslog_entry entry(const char *path, const struct kv *fields)
     };
 }
 
+static void test_protocol(void)
+{
+    char out[1024];
+    struct accesslog_entry e = entry("/p", NULL);
+    e.protocol = "HTTP/2.0";
+    size_t n = accesslog_format(&e, out, sizeof(out));
+    out[n] = 0;
+    CHECK(strstr(out, ",\"protocol\":\"HTTP/2.0\",") != NULL);
+    n = accesslog_format_text(&e, "%{method} %{path} %{protocol}", out, sizeof(out));
+    CHECK_STR(out, n, "GET /p HTTP/2.0\n");
+    e.protocol = NULL; /* the request line was never read */
+    n = accesslog_format(&e, out, sizeof(out));
+    out[n] = 0;
+    CHECK(strstr(out, ",\"protocol\":null,") != NULL);
+    n = accesslog_format_text(&e, "%{protocol}", out, sizeof(out));
+    CHECK_STR(out, n, "-\n");
+}
+
 static void test_text_escapes(void)
 {
     char out[512];
@@ -61,6 +79,7 @@ static void test_json_escapes(void)
 
 int main(void)
 {
+    test_protocol();
     test_text_escapes();
     test_text_fields_and_literals();
     test_text_bounded();
