@@ -812,6 +812,34 @@ static const struct http_header *find_header(const struct http_request *h, const
     return NULL;
 }
 
+/* grpc-timeout (1 to 8 digits and a unit: H M S m u n) as a deadline in
+ * ms, rounded up; 0 when absent or malformed (then there is none, as in
+ * Envoy). */
+static uint64_t grpc_timeout_deadline(const struct http_request *h, uint64_t now)
+{
+    const struct http_header *t = find_header(h, "grpc-timeout");
+    if (!t || t->value.len < 2 || t->value.len > 9)
+        return 0;
+    uint64_t v = 0;
+    for (size_t i = 0; i + 1 < t->value.len; i++) {
+        char ch = t->value.p[i];
+        if (ch < '0' || ch > '9')
+            return 0;
+        v = v * 10 + (uint64_t)(ch - '0');
+    }
+    uint64_t ms;
+    switch (t->value.p[t->value.len - 1]) {
+    case 'H': ms = v * 3600000; break;
+    case 'M': ms = v * 60000; break;
+    case 'S': ms = v * 1000; break;
+    case 'm': ms = v; break;
+    case 'u': ms = (v + 999) / 1000; break;
+    case 'n': ms = (v + 999999) / 1000000; break;
+    default: return 0;
+    }
+    return now + (ms ? ms : 1);
+}
+
 /* Methods a path allows, for the Allow header of a 405. Slow path only. */
 static void allow_header(struct conn *c, const char *host, size_t hlen, char *out, size_t cap)
 {
@@ -928,6 +956,8 @@ static void request_begin(struct conn *c, size_t head_len)
     /* gRPC calls are POSTs: other requests skip the field scan. */
     const struct http_header *ct = h->method == HTTP_M_POST ? find_header(h, "content-type") : NULL;
     r->grpc = ct && ct->value.len >= 16 && strncasecmp(ct->value.p, "application/grpc", 16) == 0;
+    if (r->grpc)
+        r->grpc_deadline_ms = grpc_timeout_deadline(h, worker_now_ms(c->w));
 
     struct uri_target t;
     if (uri_parse_target(h->target.p, h->target.len, &t) < 0) {
@@ -2182,6 +2212,11 @@ static uint64_t idle_limit(const struct conn *c)
 
 static uint64_t min_nz(uint64_t a, uint64_t b) { return !a ? b : !b ? a : a < b ? a : b; }
 
+static int grpc_waiting(const struct request *r)
+{
+    return r->grpc_deadline_ms && (r->rs == RS_WAIT_HEAD || r->rs == RS_BODY_WAIT);
+}
+
 static uint64_t body_deadline(const struct conn *c)
 {
     const struct request *r = &c->req;
@@ -2235,6 +2270,8 @@ static uint64_t conn_deadline(const struct conn *c)
     case CS_REQUEST:
         d = min_nz(d, body_deadline(c));
         d = min_nz(d, upstream_deadline(c));
+        if (grpc_waiting(&c->req))
+            d = min_nz(d, c->req.grpc_deadline_ms);
         break;
     case CS_LINGER:
         d = min_nz(d, c->linger_deadline_ms);
@@ -2250,6 +2287,29 @@ static uint64_t conn_deadline(const struct conn *c)
 }
 
 /* Act on whatever deadline has passed. Returns 1 if something happened. */
+/* The client's grpc-timeout passed before the answer's head:
+ * DEADLINE_EXCEEDED (a local 504 is sent as grpc-status 4). The try ends
+ * without a verdict on the endpoint (a client's short deadline says
+ * nothing of its health) and is not retried. */
+static void grpc_deadline_passed(struct conn *c)
+{
+    struct request *r = &c->req;
+    if (c->up) {
+        upconn_close(c->up);
+        c->up = NULL;
+    }
+    if (r->up_start_us)
+        r->up_end_us = now_us();
+    resil_try_end(&r->resil);
+    r->resil.retry_at_ms = 0;
+    r->grpc_deadline_ms = 0;
+    if (r->rb != RB_DONE && r->rb != RB_NONE)
+        r->keepalive = 0;
+    if (!r->keepalive)
+        buf_consume(&c->in, buf_len(&c->in));
+    respond_error(c, 504, NULL);
+}
+
 static int conn_timeouts(struct conn *c, uint64_t now)
 {
     const struct config_limits *l = limits(c);
@@ -2301,6 +2361,10 @@ static int conn_timeouts(struct conn *c, uint64_t now)
                 respond_error(c, 408, NULL);
             else
                 c->dead = 1;
+            return 1;
+        }
+        if (grpc_waiting(r) && now >= r->grpc_deadline_ms) {
+            grpc_deadline_passed(c);
             return 1;
         }
         uint64_t ud = upstream_deadline(c);

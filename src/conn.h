@@ -173,6 +173,7 @@ struct request {
     uint64_t tun_client_bytes;     /* bytes_in + bytes_out when last looked at */
     const char *tun_end;           /* why the tunnel ended (metric label) */
     uint64_t up_connect_deadline_ms;
+    uint64_t grpc_deadline_ms;     /* the client's grpc-timeout, until the answer's head; 0 = none */
     struct resil_req resil;        /* tries, breaker and budget bookkeeping (resil.h) */
 };
 

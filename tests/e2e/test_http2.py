@@ -894,6 +894,36 @@ def test_grpc_unary_and_streaming_through_portico(grpc_gw, cert, tls):
     c.close()
 
 
+def test_grpc_timeout_is_deadline_exceeded_and_ejects_nothing(h2gw, upstream, cert):
+    """grpc-timeout bounds the wait for the answer: DEADLINE_EXCEEDED (4)
+    as Trailers-Only, no retry, and no verdict on the endpoint, so short
+    client deadlines cannot open its breaker."""
+    g = upstream("grpc_h2.py")
+    _, port, _, admin = h2gw(
+        routes=[{"path": "/test.Echo/", "upstream": "grpc"}, {"path": "/", "upstream": "echo"}],
+        upstreams={"grpc": {"endpoints": [g.addr], "protocol": "h2c",
+                            "retry": {"attempts": 3, "on": ["timeout", "reset"]},
+                            "circuit_breaker": {"consecutive_failures": 2, "open_ms": 10000}}})
+    c = H2Client(port, cert)
+    for timeout, lo, hi in (("300m", 0.25, 2.0), ("200000u", 0.15, 2.0), ("0S", 0.0, 1.0)):
+        t0 = time.monotonic()
+        sid = c.request("/test.Echo/Slow", method="POST",
+                        headers=GRPC_HEADERS + [("grpc-timeout", timeout)], body=grpc_frame(b"x"))
+        r, = c.wait([sid])
+        took = time.monotonic() - t0
+        h = dict(r["headers"])
+        assert r["status"] == 200 and h["grpc-status"] == "4", (timeout, r)
+        assert lo <= took < hi, (timeout, took)
+    # malformed: no deadline; the call is still served normally elsewhere
+    sid = c.request("/test.Echo/Unary", method="POST",
+                    headers=GRPC_HEADERS + [("grpc-timeout", "5x")], body=grpc_frame(b"ok"))
+    r, = c.wait([sid])
+    assert dict(r["trailers"])["grpc-status"] == "0", r
+    assert metric(admin, "portico_upstream_ejections_total") == 0
+    assert metric(admin, "portico_upstream_retries_total") == 0
+    c.close()
+
+
 def test_grpc_bidi_messages_flow_both_ways_before_the_end(grpc_gw, cert):
     _, port, _ = grpc_gw()
     c = H2Client(port, cert)

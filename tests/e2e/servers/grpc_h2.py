@@ -13,6 +13,7 @@ grpc-status / grpc-message. Methods (the :path):
                            message back: their count and total length "C:L"
   /test.Echo/Bidi          each message echoed as soon as it arrives
   /test.Echo/Fail          Trailers-Only: grpc-status 5 (NOT_FOUND)
+  /test.Echo/Slow          never answers (for deadlines)
   anything else            grpc-status 12 (UNIMPLEMENTED)
 
 Every answer also carries the request's te and content-type as
@@ -95,7 +96,7 @@ class Conn:
             self.head(sid, st)
             st["started"] = True
         elif path not in ("/test.Echo/Unary", "/test.Echo/ServerStream",
-                          "/test.Echo/ClientStream"):
+                          "/test.Echo/ClientStream", "/test.Echo/Slow"):
             self.h2.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc"),
                                        ("grpc-status", "12"), ("grpc-message", "unknown")],
                                  end_stream=True)
