@@ -1123,7 +1123,9 @@ static int handle_head(struct conn *c)
         return 1;
     }
     request_begin(c, (size_t)rc);
-    if (r->rs != RS_PAUSED)
+    /* A paused request, or one reading its body into a copy, still needs
+     * its head where it is (the parsed fields point into c->in). */
+    if (r->rs != RS_PAUSED && r->rs != RS_BODY_WAIT)
         request_head_done(c);
     return 1;
 }
@@ -2090,7 +2092,8 @@ static int request_step(struct conn *c)
             return 1;
         if (st == FILTER_CONTINUE)
             request_dispatch(c);
-        request_head_done(c);
+        if (r->rs != RS_BODY_WAIT)
+            request_head_done(c);
         return 1;
     }
     if (r->rs == RS_LOCAL) {
