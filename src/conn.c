@@ -1067,10 +1067,14 @@ static void request_dispatch(struct conn *c)
 }
 
 /* The head has been acted on: drop its bytes (start_proxy did already when
- * it proxied). A body we did not read ends the connection. */
+ * it proxied). A body we did not read ends the connection. A paused
+ * request, or one reading its body into a copy, still needs its head where
+ * it is (the parsed fields point into c->in). */
 static void request_head_done(struct conn *c)
 {
     struct request *r = &c->req;
+    if (r->rs == RS_PAUSED || r->rs == RS_BODY_WAIT)
+        return;
     if (!r->head_consumed) {
         buf_consume(&c->in, r->head_len);
         r->head_consumed = 1;
@@ -1123,10 +1127,7 @@ static int handle_head(struct conn *c)
         return 1;
     }
     request_begin(c, (size_t)rc);
-    /* A paused request, or one reading its body into a copy, still needs
-     * its head where it is (the parsed fields point into c->in). */
-    if (r->rs != RS_PAUSED && r->rs != RS_BODY_WAIT)
-        request_head_done(c);
+    request_head_done(c);
     return 1;
 }
 
@@ -1619,27 +1620,10 @@ static int upstream_flush(struct conn *c)
         iov[n].iov_base = buf_head(u->span_src);
         iov[n++].iov_len = u->span_len;
     }
-    ssize_t wr;
-    if (u->ssl) {
-        int stop;
-        wr = tls_writev(u->ssl, iov, n, &stop);
-        u->tls_wr = stop == TLS_WANT_READ;
-        if (stop == TLS_FATAL && wr == 0) {
-            wr = -1;
-            errno = EPIPE;
-        } else if (stop) {
-            u->writable = 0;
-            if (wr == 0)
-                return 0;
-        }
-    } else {
-        wr = writev(u->fd, iov, n);
-    }
+    ssize_t wr = upconn_writev(u, iov, n);
     if (wr < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            u->writable = 0;
+        if (errno == EAGAIN)
             return 0;
-        }
         if (errno == EINTR)
             return 1;
         /* The upstream may have answered (say, 413) and closed before
@@ -1663,8 +1647,6 @@ static int upstream_flush(struct conn *c)
         buf_consume(u->span_src, w);
         u->span_len -= w;
     }
-    if (buf_len(&u->out) + u->span_len > 0)
-        u->writable = 0;
     c->req.up_activity_ms = worker_now_ms(c->w);
     return 1;
 }
@@ -2092,8 +2074,7 @@ static int request_step(struct conn *c)
             return 1;
         if (st == FILTER_CONTINUE)
             request_dispatch(c);
-        if (r->rs != RS_BODY_WAIT)
-            request_head_done(c);
+        request_head_done(c);
         return 1;
     }
     if (r->rs == RS_LOCAL) {

@@ -398,25 +398,10 @@ int h2up_flush(struct conn *c, struct upconn *u)
     if (!u->writable || !buf_len(&h->wire))
         return progress;
     struct iovec iov = { buf_head(&h->wire), buf_len(&h->wire) };
-    ssize_t wr;
-    if (u->ssl) {
-        int stop;
-        wr = tls_writev(u->ssl, &iov, 1, &stop);
-        u->tls_wr = stop == TLS_WANT_READ;
-        if (stop == TLS_FATAL && wr == 0) {
-            wr = -1;
-            errno = EPIPE;
-        } else if (stop) {
-            u->writable = 0;
-        }
-    } else {
-        wr = write(u->fd, iov.iov_base, iov.iov_len);
-    }
+    ssize_t wr = upconn_writev(u, &iov, 1);
     if (wr < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            u->writable = 0;
+        if (errno == EAGAIN)
             return progress;
-        }
         if (errno == EINTR)
             return 1;
         log_debug("upstream HTTP/2 write: %s", strerror(errno));
@@ -426,8 +411,6 @@ int h2up_flush(struct conn *c, struct upconn *u)
         return 1;
     }
     buf_consume(&h->wire, (size_t)wr);
-    if (buf_len(&h->wire))
-        u->writable = 0;
     c->req.up_activity_ms = worker_now_ms(c->w);
     return 1;
 }

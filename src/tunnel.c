@@ -91,34 +91,14 @@ static int up_write(struct conn *c)
     size_t len = buf_len(&u->out) + buf_len(&c->in);
     if (!len || !u->writable || r->tun_up_shut)
         return 0;
-    ssize_t wr;
-    if (u->ssl) {
-        int stop;
-        wr = tls_writev(u->ssl, iov, n, &stop);
-        u->tls_wr = stop == TLS_WANT_READ;
-        if (stop == TLS_FATAL && wr == 0) {
-            log_debug("tunnel: upstream TLS write: %s", tls_last_error(u->ssl));
-            return tunnel_fail(c, "upstream_error");
-        }
-        if (stop)
-            u->writable = 0;
-        if (wr == 0)
+    ssize_t wr = upconn_writev(u, iov, n);
+    if (wr < 0) {
+        if (errno == EAGAIN)
             return 0;
-    } else {
-        struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
-        wr = sendmsg(u->fd, &mh, MSG_NOSIGNAL);
-        if (wr < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                u->writable = 0;
-                return 0;
-            }
-            if (errno == EINTR)
-                return 1;
-            log_debug("tunnel: upstream write: %s", strerror(errno));
-            return tunnel_fail(c, "upstream_error");
-        }
-        if ((size_t)wr < len)
-            u->writable = 0;
+        if (errno == EINTR)
+            return 1;
+        log_debug("tunnel: upstream write: %s", strerror(errno));
+        return tunnel_fail(c, "upstream_error");
     }
     size_t w = (size_t)wr, from_out = w < buf_len(&u->out) ? w : buf_len(&u->out);
     buf_consume(&u->out, from_out);

@@ -181,6 +181,42 @@ ssize_t upconn_read(struct upconn *u, char *dst, size_t space)
     return n;
 }
 
+ssize_t upconn_writev(struct upconn *u, const struct iovec *iov, int n)
+{
+    size_t len = 0;
+    for (int i = 0; i < n; i++)
+        len += iov[i].iov_len;
+    ssize_t wr;
+    if (u->ssl) {
+        int stop;
+        wr = tls_writev(u->ssl, iov, n, &stop);
+        u->tls_wr = stop == TLS_WANT_READ;
+        if (stop == TLS_FATAL && wr == 0) {
+            log_debug("upstream TLS write: %s", tls_last_error(u->ssl));
+            errno = EPIPE;
+            return -1;
+        }
+        if (wr == 0) {
+            u->writable = 0;
+            errno = EAGAIN;
+            return -1;
+        }
+    } else {
+        struct msghdr mh = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n };
+        wr = sendmsg(u->fd, &mh, MSG_NOSIGNAL);
+        if (wr < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                u->writable = 0;
+                errno = EAGAIN;
+            }
+            return -1;
+        }
+    }
+    if ((size_t)wr < len)
+        u->writable = 0;
+    return wr;
+}
+
 void upconn_close(struct upconn *u)
 {
     h2up_free(u);

@@ -72,6 +72,11 @@ void upconn_release(struct upconn *u);
  * an error (a TLS failure is ECONNRESET). Keeps u->readable as the
  * edge-triggered events need: cleared once the socket has nothing more. */
 ssize_t upconn_read(struct upconn *u, char *dst, size_t space);
+/* Write iov (TLS or plain) to the connection. Returns the bytes written, or
+ * -1 with errno EAGAIN (nothing taken now), EINTR (again) or an error (a
+ * TLS failure is EPIPE). Clears u->writable when not all was taken: the
+ * rest waits for the next edge. */
+ssize_t upconn_writev(struct upconn *u, const struct iovec *iov, int n);
 /* Close and free (any state). */
 void upconn_close(struct upconn *u);
 /* Close idle connections older than the upstream's keepalive_timeout_ms. */
