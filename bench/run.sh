@@ -12,6 +12,10 @@
 #                    the table shows the median of the rounds
 #   BENCH_CONNS      wrk connections (default 64)
 #   BENCH_PROXIES    subset/order of "portico nginx haproxy"
+#   BENCH_BUSY_POLL_US  Portico's busy_poll_us (default 50; 0: off, its
+#                    default). HAProxy's busy-polling stays off: it polls
+#                    even when idle, taking the shared core from the proxy
+#                    being measured. See README.md.
 #   BENCH_CASES      subset of "small 4k 64k close filters ratelimit jwt
 #                    resilience tls tlsnew tlsfull tlsidle h2" (default: small 4k 64k close).
 #                    "filters" measures Portico alone: the route without
@@ -57,6 +61,8 @@ BENCH_SECONDS=${BENCH_SECONDS:-10}
 BENCH_WARMUP=${BENCH_WARMUP:-2}
 BENCH_ROUNDS=${BENCH_ROUNDS:-1}
 BENCH_CONNS=${BENCH_CONNS:-64}
+BENCH_BUSY_POLL_US=${BENCH_BUSY_POLL_US:-50}
+[[ $BENCH_BUSY_POLL_US =~ ^[0-9]+$ ]] || { echo "BENCH_BUSY_POLL_US: a number" >&2; exit 2; }
 read -r -a PROXIES <<<"${BENCH_PROXIES:-portico nginx haproxy}"
 read -r -a CASES <<<"${BENCH_CASES:-small 4k 64k close}"
 PROXY_CPU=${BENCH_PROXY_CPU:-0}
@@ -199,6 +205,7 @@ render() {
     fi
     sed -e "s|@DIR@|$3|g" -e "s|@PORT@|$4|g" -e "s|@UPSTREAM@|$ORIGIN|g" \
         -e "s|@USER@|$user|g" -e "s|@REDIS@|${PORT_REDIS:-0}|g" \
+        -e "s|@BUSY_POLL_US@|$BENCH_BUSY_POLL_US|g" \
         -e "s|@ORIGIN_PORT@|$PORT_ORIGIN|g" -e "s|@DYING_PORT@|${PORT_DYING:-0}|g" -e "s|@TLSPORT@|${5:-}|g" -e "s|@TLSFULLPORT@|$((${5:-0} + 3))|g" -e "s|@TLSDIR@|$TMP/tls|g" \
         -e "s|@TLS_LISTENER@|$tls_listener|g" "${tls_on[@]}" "$ROOT/bench/conf/$1" >"$2"
 }
@@ -214,11 +221,16 @@ make_cert() {
     cat "$TMP/tls/cert.pem" "$TMP/tls/key.pem" >"$TMP/tls/haproxy.pem"
 }
 
-# start NAME CPU LOGFILE command...: run in the background, pinned.
+# start NAME CPU LOGFILE command...: run in the background, pinned, in a
+# session of its own as a daemon would be. With the kernel's autogroups
+# (sched_autogroup_enabled), the processes of one session share one
+# scheduling group: an origin started in wrk's session was preempted by wrk
+# once per response (0.84 switches per request on the load core in `4k`),
+# which made the load core, not the proxy, what the case measured.
 start() {
     local name=$1 cpu=$2 logf=$3
     shift 3
-    taskset -c "$cpu" "$@" </dev/null >"$logf" 2>&1 &
+    taskset -c "$cpu" setsid "$@" </dev/null >"$logf" 2>&1 &
     PID[$name]=$!
 }
 
@@ -734,7 +746,7 @@ versions="$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v 2>&1 | awk 'NR == 1 {p
 if [[ " ${STARTED[*]} " == *" portico "* ]]; then
     versions="$("$PORTICO_BIN" --version 2>/dev/null | head -1 || echo portico), $versions"
 fi
-echo "$versions; wrk -t1 -c$BENCH_CONNS; ${BENCH_SECONDS}s x $BENCH_ROUNDS round(s); proxy on CPU $PROXY_CPU"
+echo "$versions; wrk -t1 -c$BENCH_CONNS; ${BENCH_SECONDS}s x $BENCH_ROUNDS round(s); proxy on CPU $PROXY_CPU; Portico busy_poll_us ${BENCH_BUSY_POLL_US}"
 "$PY" - "$RESULTS" "$TMP/redis-calls.tsv" "$IDLE_RESULTS" "$TMP/death.tsv" <<'EOF'
 import csv, os, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))

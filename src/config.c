@@ -474,6 +474,9 @@ static void parse_workers(struct load *ld, json_t *root)
         w = n < 1 ? 1 : n > 256 ? 256 : n;
     }
     ld->cfg->workers = (int)w;
+    long long spin;
+    get_int(ld, root, "busy_poll_us", 0, 1000, 0, &spin);
+    ld->cfg->busy_poll_us = (unsigned)spin;
 }
 
 static void parse_log_level(struct load *ld, json_t *root)
@@ -1719,7 +1722,7 @@ void *config_module_global(const struct config *c, const struct module *m)
 static void parse_root(struct load *ld, json_t *root)
 {
     static const char *const fixed[] = {
-        "workers", "log_level", "listeners", "limits", "access_log", "trusted_proxies",
+        "workers", "busy_poll_us", "log_level", "listeners", "limits", "access_log", "trusted_proxies",
         "via", "upstreams", "routes", "filters", "admin", "http2",
     };
     size_t nfixed = sizeof(fixed) / sizeof(fixed[0]);

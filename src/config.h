@@ -155,6 +155,7 @@ struct config {
     int refcount;                  /* atomic; see config_ref / config_unref */
     char *file;
     int workers;                   /* resolved: >= 1 ("workers": 0 = one per CPU) */
+    unsigned busy_poll_us;         /* 0: workers sleep as soon as idle (worker.c) */
     char *log_level;               /* "debug", "info", "warn", "error"; default "info" */
     struct config_listener *listeners;
     size_t nlisteners;

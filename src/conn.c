@@ -52,6 +52,7 @@ static size_t out_cap(const struct config_limits *l)
 static void on_client_event(evutil_socket_t fd, short what, void *arg)
 {
     struct conn *c = arg;
+    worker_io_events++;
     if (what & (EV_READ | EV_CLOSED)) {
         c->readable = 1;
         if (c->tls_wr)

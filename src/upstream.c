@@ -28,6 +28,7 @@ static void pool_unlink(struct pool *p, struct upconn *u)
 static void on_upconn_event(evutil_socket_t fd, short what, void *arg)
 {
     struct upconn *u = arg;
+    worker_io_events++;
     if (u->state == UP_IDLE) {
         if (!(what & (EV_READ | EV_CLOSED))) {
             u->writable = 1;

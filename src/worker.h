@@ -80,6 +80,9 @@ struct worker {
     unsigned warn_suppressed;
 };
 
+/* Socket events this thread has handled: busy polling watches it. */
+extern __thread unsigned worker_io_events;
+
 static inline struct event_base *worker_base(struct worker *w) { return w->base; }
 static inline int worker_draining(struct worker *w) { return w->draining; }
 

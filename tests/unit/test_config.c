@@ -147,7 +147,7 @@ static void test_defaults(void)
 static void test_full(void)
 {
     struct config *c = EXPECT_OK(
-        "{'workers': 3, 'log_level': 'debug', 'via': true,"
+        "{'workers': 3, 'busy_poll_us': 50, 'log_level': 'debug', 'via': true,"
         " 'listeners': [{'address': '*:8080', 'backlog': 1024}, {'address': '[::1]:8443'}],"
         " 'limits': {'max_header_bytes': 32768, 'max_headers': 50, 'max_uri_bytes': 4096,"
         "   'max_body_bytes': 0, 'header_timeout_ms': 5000, 'body_timeout_ms': 6000,"
@@ -169,6 +169,7 @@ static void test_full(void)
     if (!c)
         return;
     CHECK_EQ_INT(c->workers, 3);
+    CHECK_EQ_INT(c->busy_poll_us, 50);
     CHECK(strcmp(c->log_level, "debug") == 0);
     CHECK_EQ_INT(c->via, 1);
     CHECK_EQ_INT(c->nlisteners, 2);
@@ -260,6 +261,7 @@ static void test_workers_auto(void)
             n = CPU_COUNT(&set);
         CHECK(c->workers >= 1);
         CHECK(c->workers <= (n > 256 ? 256 : n));
+        CHECK_EQ_INT(c->busy_poll_us, 0); /* off unless asked for */
     }
     config_unref(c);
     CHECK_EQ_INT(config_cpu_quota("max 100000\n"), 0);
@@ -461,6 +463,12 @@ static void test_types_and_ranges(void)
                  "workers: must be from 0 to 256, got 257");
     EXPECT_ERROR("{'workers': '2', " LISTEN ", 'routes': [" RESPOND_ROUTE "]}",
                  "workers: expected an integer, got string");
+    EXPECT_ERROR("{'busy_poll_us': 1001, " LISTEN ", 'routes': [" RESPOND_ROUTE "]}",
+                 "busy_poll_us: must be from 0 to 1000, got 1001");
+    EXPECT_ERROR("{'busy_poll_us': -1, " LISTEN ", 'routes': [" RESPOND_ROUTE "]}",
+                 "busy_poll_us: must be from 0 to 1000, got -1");
+    EXPECT_ERROR("{'busy_poll_us': true, " LISTEN ", 'routes': [" RESPOND_ROUTE "]}",
+                 "busy_poll_us: expected an integer, got");
     EXPECT_ERROR("{'log_level': 'verbose', " LISTEN ", 'routes': [" RESPOND_ROUTE "]}",
                  "log_level: \"verbose\" is not one of");
     EXPECT_ERROR("{'via': 1, " LISTEN ", 'routes': [" RESPOND_ROUTE "]}",
