@@ -8,4 +8,5 @@ void buf_cache_flush(void)
     struct buf_cache *bc = &buf_cache;
     while (bc->n > 0)
         free(bc->data[--bc->n]);
+    bc->bytes = 0;
 }

@@ -255,6 +255,23 @@ def test_two_instances_share_one_limit(portico, redis):
     assert got[:10] == [200] * 10
 
 
+def test_many_keys_each_their_own_bucket(portico, redis):
+    """More keys than the per-thread digest cache has slots (256): a slot
+    shared by two keys must never hand one key the other's Redis bucket."""
+    rd = redis()
+    p = start(portico, {"key": "header:X-Client", "rate": "1/h"}, rd.port)
+    base = uniq()
+    clients = ["%s-%d" % (base, i) for i in range(600)]
+    with util.Conn(p.port) as c:
+        for rnd, want in ((1, 200), (2, 429)):
+            got = []
+            for cl in clients:
+                c.request("GET", "/rl/x", headers={"X-Client": cl})
+                got.append(c.read_response().status)
+            assert got == [want] * len(clients), (rnd, [i for i, s in enumerate(got) if s != want])
+    assert int(rd.cli("DBSIZE")) == len(clients)
+
+
 def test_memo_spares_redis(portico, redis):
     rd = redis()
     p = start(portico, {"key": "header:X-Client", "rate": "3/m"}, rd.port)
