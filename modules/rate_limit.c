@@ -1604,10 +1604,21 @@ static void rl_batch_build(const struct rl_redis *rc, struct rl_batch *b)
     rl_strset_init(&keys, b->nkeys, tmp + limmem);
     rl_strset_init(&pols, b->nkeys, tmp + limmem + setmem);
     size_t planlen = 0;
+    /* A request whose limit j has the previous request's key (one hot
+     * client, a per-route limit) reuses its entries without formatting
+     * and looking up the key again. */
+    const struct rl_req *prev = NULL;
+    size_t pki[RL_MAX_LIMITS], ppi[RL_MAX_LIMITS];
     for (size_t i = 0; i < b->n; i++) {
         const struct rl_req *q = b->q[i];
         size_t ki[RL_MAX_LIMITS], pi[RL_MAX_LIMITS];
         for (size_t j = 0; j < q->n; j++) {
+            if (prev && j < prev->n && prev->lim[j] == q->lim[j] && prev->fb[j] == q->fb[j] &&
+                memcmp(prev->digest[j], q->digest[j], RL_DIGEST) == 0) {
+                ki[j] = pki[j];
+                pi[j] = ppi[j];
+                continue;
+            }
             /* <prefix>{<hex digest>}:<id>[:fb], kept only when new */
             char *key = kbuf + keys.n * keymax, *e = key;
             const char *id = q->lim[j]->id;
@@ -1630,6 +1641,9 @@ static void rl_batch_build(const struct rl_redis *rc, struct rl_batch *b)
                 rl_strset_add(&pols, (const char *)&q->lim[j]->gcra, sizeof(struct gcra_policy));
         }
         planlen += rl_plan_put(plan + planlen, q->n, ki, pi);
+        memcpy(pki, ki, q->n * sizeof(ki[0]));
+        memcpy(ppi, pi, q->n * sizeof(pi[0]));
+        prev = q;
     }
     char nk[24], np[24];
     size_t nkl = (size_t)snprintf(nk, sizeof(nk), "%zu", keys.n);
