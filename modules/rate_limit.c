@@ -1590,39 +1590,52 @@ static void rl_flush_waiting(struct rl_worker *w, int send)
 }
 
 /* The call for b (layout in rate_limit_batch.h), formatted in RESP. */
+/* What names a Redis key: a limit, the key's digest and whether it is the
+ * fallback key. The batch finds repeated keys by these bytes and formats
+ * each distinct key's name once. */
+struct rl_keyid {
+    unsigned char digest[RL_DIGEST];
+    const struct rl_limit *lim;
+    uintptr_t fb;
+};
+
 static void rl_batch_build(const struct rl_redis *rc, struct rl_batch *b)
 {
     size_t plen = strlen(rc->prefix);
     size_t keymax = plen + 1 + 2 * RL_DIGEST + 2 + 64 + 3 + 1;
     size_t setmem = rl_strset_mem(b->nkeys);
     size_t limmem = b->nkeys * sizeof(struct rl_limit *);
-    char *tmp = xmalloc(limmem + 2 * setmem + b->nkeys * keymax + b->n + 4 * b->nkeys);
+    size_t idmem = b->nkeys * (sizeof(struct rl_keyid) + sizeof(size_t));
+    char *tmp =
+        xmalloc(limmem + idmem + 2 * setmem + b->nkeys * keymax + b->n + 4 * b->nkeys);
     const struct rl_limit **lim = (const struct rl_limit **)(void *)tmp;
-    char *kbuf = tmp + limmem + 2 * setmem;
+    struct rl_keyid *ids = (struct rl_keyid *)(void *)(tmp + limmem);
+    size_t *klen = (size_t *)(void *)(ids + b->nkeys);
+    char *sets = tmp + limmem + idmem;
+    char *kbuf = sets + 2 * setmem;
     unsigned char *plan = (unsigned char *)kbuf + b->nkeys * keymax;
     struct rl_strset keys, pols;
-    rl_strset_init(&keys, b->nkeys, tmp + limmem);
-    rl_strset_init(&pols, b->nkeys, tmp + limmem + setmem);
+    rl_strset_init(&keys, b->nkeys, sets);
+    rl_strset_init(&pols, b->nkeys, sets + setmem);
     size_t planlen = 0;
-    /* A request whose limit j has the previous request's key (one hot
-     * client, a per-route limit) reuses its entries without formatting
-     * and looking up the key again. */
-    const struct rl_req *prev = NULL;
-    size_t pki[RL_MAX_LIMITS], ppi[RL_MAX_LIMITS];
     for (size_t i = 0; i < b->n; i++) {
         const struct rl_req *q = b->q[i];
         size_t ki[RL_MAX_LIMITS], pi[RL_MAX_LIMITS];
         for (size_t j = 0; j < q->n; j++) {
-            if (prev && j < prev->n && prev->lim[j] == q->lim[j] && prev->fb[j] == q->fb[j] &&
-                memcmp(prev->digest[j], q->digest[j], RL_DIGEST) == 0) {
-                ki[j] = pki[j];
-                pi[j] = ppi[j];
+            struct rl_keyid *id = &ids[keys.n];
+            memcpy(id->digest, q->digest[j], RL_DIGEST);
+            id->lim = q->lim[j];
+            id->fb = (uintptr_t)q->fb[j];
+            size_t known = keys.n;
+            ki[j] = rl_strset_add(&keys, (const char *)id, sizeof(*id));
+            pi[j] =
+                rl_strset_add(&pols, (const char *)&q->lim[j]->gcra, sizeof(struct gcra_policy));
+            if (keys.n == known)
                 continue;
-            }
-            /* <prefix>{<hex digest>}:<id>[:fb], kept only when new */
-            char *key = kbuf + keys.n * keymax, *e = key;
-            const char *id = q->lim[j]->id;
-            size_t idlen = strlen(id);
+            /* a new key: its name <prefix>{<hex digest>}:<id>[:fb] */
+            char *key = kbuf + ki[j] * keymax, *e = key;
+            const char *lid = q->lim[j]->id;
+            size_t idlen = strlen(lid);
             memcpy(e, rc->prefix, plen);
             e += plen;
             *e++ = '{';
@@ -1630,27 +1643,22 @@ static void rl_batch_build(const struct rl_redis *rc, struct rl_batch *b)
             e += 2 * RL_DIGEST;
             *e++ = '}';
             *e++ = ':';
-            memcpy(e, id, idlen);
+            memcpy(e, lid, idlen);
             e += idlen;
             if (q->fb[j]) {
                 memcpy(e, ":fb", 3);
                 e += 3;
             }
-            ki[j] = rl_strset_add(&keys, key, (size_t)(e - key));
-            pi[j] =
-                rl_strset_add(&pols, (const char *)&q->lim[j]->gcra, sizeof(struct gcra_policy));
+            klen[ki[j]] = (size_t)(e - key);
         }
         planlen += rl_plan_put(plan + planlen, q->n, ki, pi);
-        memcpy(pki, ki, q->n * sizeof(ki[0]));
-        memcpy(ppi, pi, q->n * sizeof(pi[0]));
-        prev = q;
     }
     char nk[24], np[24];
     size_t nkl = (size_t)snprintf(nk, sizeof(nk), "%zu", keys.n);
     size_t npl = (size_t)snprintf(np, sizeof(np), "%zu", pols.n);
     size_t body = rl_resp_arg_len(nkl) + rl_resp_arg_len(npl) + rl_resp_arg_len(planlen);
     for (size_t k = 0; k < keys.n; k++)
-        body += rl_resp_arg_len(keys.len[k]);
+        body += rl_resp_arg_len(klen[k]);
     for (size_t p = 0; p < pols.n; p++) {
         lim[p] =
             (const struct rl_limit *)(const void *)(pols.str[p] - offsetof(struct rl_limit, gcra));
@@ -1666,7 +1674,7 @@ static void rl_batch_build(const struct rl_redis *rc, struct rl_batch *b)
     b->body = (size_t)(e - cmd);
     e = rl_resp_arg(e, nk, nkl);
     for (size_t k = 0; k < keys.n; k++)
-        e = rl_resp_arg(e, keys.str[k], keys.len[k]);
+        e = rl_resp_arg(e, kbuf + k * keymax, klen[k]);
     e = rl_resp_arg(e, np, npl);
     for (size_t p = 0; p < pols.n; p++) {
         e = rl_resp_arg(e, lim[p]->interval_us, strlen(lim[p]->interval_us));

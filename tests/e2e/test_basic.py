@@ -210,12 +210,6 @@ def test_two_workers_serve_the_same_port(gateway):
     assert sorted(results) == sorted((200, "/w/%d" % i) for i in range(40))
 
 
-def _cpu_seconds(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_busy_polling_serves_then_sleeps_when_idle(gateway):
     """busy_poll_us keeps a worker polling after its events; it must still
     answer correctly, go back to sleep once idle (an open keep-alive
@@ -227,9 +221,9 @@ def test_busy_polling_serves_then_sleeps_when_idle(gateway):
             r = c.read_response()
             assert r.status == 200 and r.json()["target"] == "/bp/%d" % i
         time.sleep(0.3)
-        t0 = _cpu_seconds(g.portico.pid)
+        t0 = util.cpu_seconds(g.portico.pid)
         time.sleep(2.0)
-        used = _cpu_seconds(g.portico.pid) - t0
+        used = util.cpu_seconds(g.portico.pid) - t0
         # Polling without end would be about 4 s (two workers); the tick
         # (every 250 ms) costs each worker at most 1 ms of polling.
         assert used < 0.3, "idle workers used %.2f s of CPU in 2 s" % used

@@ -623,16 +623,10 @@ def flood_expect_calm(c, data, admin, kind):
     assert metric(admin, 'portico_http2_floods_total{kind="%s"}' % kind) >= 1
 
 
-def _cpu_s(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_rapid_reset_flood_goaway_bounded(h2gw, cert):
     p, port, echo, admin = h2gw()
     before_req = echo.stats()["requests"]
-    cpu0, rss0 = _cpu_s(p.pid), p.rss_kb()
+    cpu0, rss0 = util.cpu_seconds(p.pid), p.rss_kb()
     c = H2Client(port, cert)
     enc = hpack.Encoder()
     out = bytearray()
@@ -656,7 +650,7 @@ def test_rapid_reset_flood_goaway_bounded(h2gw, cert):
     c.close()
     # bounded: a few hundred streams at most reached the upstream, little CPU
     assert echo.stats()["requests"] - before_req < 400
-    assert _cpu_s(p.pid) - cpu0 < 3.0
+    assert util.cpu_seconds(p.pid) - cpu0 < 3.0
     assert p.rss_kb() - rss0 < 20000
     assert metric(admin, 'portico_http2_floods_total{kind="stream_resets"}') >= 1
     # and the gateway still serves

@@ -6,6 +6,7 @@ strictly enough to notice a proxy's mistakes (a body after a HEAD answer,
 a missing chunk terminator, a connection left open after an error).
 """
 import json
+import os
 import socket
 import time
 
@@ -363,6 +364,13 @@ def wait_until(fn, timeout, interval=0.02):
         if v or time.monotonic() >= deadline:
             return v
         time.sleep(interval)
+
+
+def cpu_seconds(pid):
+    """User plus system CPU seconds a process has used, from /proc/<pid>/stat."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_status_kb(pid, key):
