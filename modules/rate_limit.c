@@ -90,18 +90,49 @@
  * same instant (the layout of the call and of the answer is in
  * rate_limit_batch.h): the rule of rate_limit_gcra.h in microseconds of
  * Redis' own clock (TIME, read once), so every instance shares one clock.
- * Each key is read once (MGET) and, when charged, written once, with an
- * expiry at its full recovery; a refused request charges nothing. */
+ * Each key is read once and, when charged, written once, with an expiry at
+ * its full recovery; a refused request charges nothing. A batch of one key
+ * under one policy (one hot client, a per-route limit) takes a shorter way
+ * with GET instead of MGET and no tables. Numbers go to Redis as strings
+ * made with %d: Redis 7.0 and Lua format a bare number with printf's
+ * floating-point path (%.17g, %.14g), which was a tenth of a call. */
 static const char RL_SCRIPT[] =
     "local t = redis.call('TIME')\n"
-    "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
+    "local now = t[1] * 1000000 + t[2]\n"
     "local np = tonumber(ARGV[1]) or 0\n"
     "local plan = ARGV[2 * np + 2] or ''\n"
+    "local byte, fmt, ceil = string.byte, string.format, math.ceil\n"
+    "local out, o, pos, len = {}, 0, 1, #plan\n"
+    "if np == 1 and #KEYS == 1 then\n"
+    "  local iv = ARGV[2] + 0\n"
+    "  local cap = iv * ARGV[3]\n"
+    "  local tat = tonumber(redis.call('GET', KEYS[1])) or now\n"
+    "  if tat < now then tat = now end\n"
+    "  local was = tat\n"
+    "  while pos <= len do\n"
+    "    local n = byte(plan, pos)\n"
+    "    if tat - now + iv > cap then\n"
+    "      local r = -1 - (tat - now) * 1000\n"
+    "      for j = 1, n do out[o + j] = r end\n"
+    "    else\n"
+    "      for j = 1, n do\n"
+    "        out[o + j] = (tat - now) * 1000\n"
+    "        tat = tat + iv\n"
+    "      end\n"
+    "    end\n"
+    "    o = o + n\n"
+    "    pos = pos + 1 + 4 * n\n"
+    "  end\n"
+    "  if tat ~= was then\n"
+    "    redis.call('SET', KEYS[1], fmt('%d', tat + 0.5), 'PX', fmt('%d', ceil((tat - now) / 1000)))\n"
+    "  end\n"
+    "  return out\n"
+    "end\n"
     "local iv, cap, tat, dirty = {}, {}, {}, {}\n"
     "for p = 1, np do\n"
-    "  local v = tonumber(ARGV[2 * p])\n"
+    "  local v = ARGV[2 * p] + 0\n"
     "  iv[p] = v\n"
-    "  cap[p] = v * tonumber(ARGV[2 * p + 1])\n"
+    "  cap[p] = v * ARGV[2 * p + 1]\n"
     "end\n"
     "if #KEYS > 0 then\n"
     "  local got = redis.call('MGET', unpack(KEYS))\n"
@@ -111,7 +142,6 @@ static const char RL_SCRIPT[] =
     "    tat[k] = v\n"
     "  end\n"
     "end\n"
-    "local byte, out, o, pos, len = string.byte, {}, 0, 1, #plan\n"
     "while pos <= len do\n"
     "  local n = byte(plan, pos)\n"
     "  if n == 1 then\n"
@@ -156,7 +186,7 @@ static const char RL_SCRIPT[] =
     "for k = 1, #KEYS do\n"
     "  if dirty[k] then\n"
     "    local v = tat[k]\n"
-    "    redis.call('SET', KEYS[k], string.format('%.0f', v), 'PX', math.ceil((v - now) / 1000))\n"
+    "    redis.call('SET', KEYS[k], fmt('%d', v + 0.5), 'PX', fmt('%d', ceil((v - now) / 1000)))\n"
     "  end\n"
     "end\n"
     "return out\n";

@@ -531,6 +531,47 @@ def rl_script():
     return "".join(lits).encode().decode("unicode_escape")
 
 
+def run_script_against_model(rd, sha, keys, pols, reqs):
+    """One call of the batched script deciding reqs (per request, a list of
+    (key index, policy index)) against a model of rate_limit_gcra.h applied
+    request after request, every key starting recovered. Returns each key's
+    TAT ahead of now (ns) in the model after the batch."""
+    plan = b"".join(bytes([len(r)]) + b"".join(struct.pack(">HH", k + 1, p + 1) for k, p in r)
+                    for r in reqs)
+    args = [str(len(keys))] + keys + [str(len(pols))]
+    for iv, b in pols:
+        args += [iv, str(b)]
+    argv = ["redis-cli", "-p", str(rd.port), "-x", "EVALSHA", sha] + args
+    out = subprocess.run(argv, input=plan, capture_output=True, timeout=5).stdout.decode().split()
+    got = [int(x) for x in out]
+    # the model: ahead = TAT - now (ns)
+    ahead = [0] * len(keys)
+    want = []
+    for r in reqs:
+        ok = all(ahead[k] + float(pols[p][0]) * 1000 <= float(pols[p][0]) * 1000 * pols[p][1]
+                 for k, p in r)
+        for k, p in r:
+            want.append(ahead[k] if ok else -1 - ahead[k])
+            if ok:
+                ahead[k] += int(float(pols[p][0]) * 1000)
+    assert len(got) == len(want)
+    # Redis' clock moves between the model's instants only within the call:
+    # the script reads TIME once, so the answers are exact
+    assert got == want, (got, want)
+    # charged keys expire at their full recovery, the others are not written
+    for k in range(len(keys)):
+        pttl = int(rd.cli("PTTL", keys[k]))
+        if ahead[k]:
+            assert 0 < pttl <= ahead[k] // 1000000 + 1, (k, pttl, ahead[k])
+            # stored as a whole number of microseconds, to the microsecond
+            stored = int(rd.cli("GET", keys[k]))
+            now_us = int(rd.cli("TIME").split()[0]) * 1000000
+            assert abs(stored - (now_us + ahead[k] // 1000)) < 5 * 1000000, (stored, now_us)
+        else:
+            assert pttl == -2
+    return ahead
+
+
 def test_script_decides_a_batch_as_one_call_each(redis):
     """The batched script against a model of rate_limit_gcra.h applied
     request after request: a hot key shared by many requests, requests with
@@ -548,37 +589,32 @@ def test_script_decides_a_batch_as_one_call_each(redis):
         n = rng.choice([1, 1, 2, 3])
         ks = rng.sample(range(3), n)
         reqs.append([(k, rng.randrange(3)) for k in ks])
-    plan = b"".join(bytes([len(r)]) + b"".join(struct.pack(">HH", k + 1, p + 1) for k, p in r)
-                    for r in reqs)
-    args = [str(len(keys))] + keys + [str(len(pols))]
-    for iv, b in pols:
-        args += [iv, str(b)]
-    argv = ["redis-cli", "-p", str(rd.port), "-x", "EVALSHA", sha] + args
-    out = subprocess.run(argv, input=plan, capture_output=True, timeout=5).stdout.decode().split()
-    got = [int(x) for x in out]
-    # the model: every key starts recovered at `now`; ahead = TAT - now (ns)
-    ahead = [0, 0, 0]
-    want = []
-    for r in reqs:
-        ok = all(ahead[k] + float(pols[p][0]) * 1000 <= float(pols[p][0]) * 1000 * pols[p][1]
-                 for k, p in r)
-        want += [ahead[k] if ok else -1 - ahead[k] for k, _ in r]
-        if ok:
-            for k, p in r:
-                ahead[k] += int(float(pols[p][0]) * 1000)
-    assert len(got) == len(want)
-    # Redis' clock moves between the model's instants only within the call:
-    # the script reads TIME once, so the answers are exact
-    assert got == want, (got, want)
-    # charged keys expire at their full recovery, the others are not written
-    for k in range(3):
-        pttl = int(rd.cli("PTTL", keys[k]))
-        if ahead[k]:
-            assert 0 < pttl <= ahead[k] // 1000000 + 1, (k, pttl, ahead[k])
-        else:
-            assert pttl == -2
+    run_script_against_model(rd, sha, keys, pols, reqs)
     # the probe (no keys, no arguments) is answered
     assert rd.cli("EVALSHA", sha, "0") == ""
+
+
+def test_script_one_key_one_policy_batch(redis):
+    """A batch naming one key under one policy (the script's shorter way):
+    the same answers as the model, including a request naming the key
+    twice (two identical limits) and refusals that charge nothing; a second
+    call reads back what the first stored."""
+    rd = redis()
+    sha = rd.cli("SCRIPT", "LOAD", rl_script())
+    pols = [("1000000.000", 5)]
+    keys = ["t:{one}:k"]
+    reqs = [[(0, 0)], [(0, 0), (0, 0)], [(0, 0)], [(0, 0)], [(0, 0)], [(0, 0), (0, 0)]]
+    ahead = run_script_against_model(rd, sha, keys, pols, reqs)
+    assert ahead[0] == 5 * 10**9                      # 5 charged, then refusals
+    # the next call starts from the stored TAT: all refused, nothing charged
+    plan = bytes([1, 0, 1, 0, 1]) * 3
+    argv = ["redis-cli", "-p", str(rd.port), "-x", "EVALSHA", sha, "1", keys[0], "1",
+            pols[0][0], str(pols[0][1])]
+    out = [int(x) for x in subprocess.run(argv, input=plan, capture_output=True,
+                                          timeout=5).stdout.decode().split()]
+    assert len(out) == 3 and out[0] == out[1] == out[2], out
+    assert 4.9e9 < -1 - out[0] <= 5e9, out             # the clock moved a little
+    assert abs(int(rd.cli("PTTL", keys[0])) - 5000) < 100
 
 
 def test_concurrent_requests_batched_and_exact(portico, redis):
