@@ -25,10 +25,18 @@ static void pool_unlink(struct pool *p, struct upconn *u)
     p->nidle--;
 }
 
+static void upconn_event(struct upconn *u, short what);
+
 static void on_upconn_event(evutil_socket_t fd, short what, void *arg)
 {
-    struct upconn *u = arg;
+    uint64_t outer = worker_clock_enter();
     worker_io_events++;
+    upconn_event(arg, what);
+    worker_clock_leave(outer);
+}
+
+static void upconn_event(struct upconn *u, short what)
+{
     if (u->state == UP_IDLE) {
         if (!(what & (EV_READ | EV_CLOSED))) {
             u->writable = 1;

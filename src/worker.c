@@ -25,6 +25,7 @@
 
 int worker_total_conns;
 __thread unsigned worker_io_events;
+__thread uint64_t worker_clock_ns;
 
 const char *worker_date(struct worker *w)
 {
@@ -115,9 +116,18 @@ void worker_log_line(struct worker *w, const char *line, size_t len)
 
 /* ---- accepting ---------------------------------------------------------- */
 
+static void accept_some(evutil_socket_t lfd, void *arg);
+
 static void on_accept(evutil_socket_t lfd, short what, void *arg)
 {
+    uint64_t outer = worker_clock_enter();
     worker_io_events++;
+    accept_some(lfd, arg);
+    worker_clock_leave(outer);
+}
+
+static void accept_some(evutil_socket_t lfd, void *arg)
+{
     struct worker_listener *wl = arg;
     struct worker *w = wl->w;
     for (int i = 0; i < ACCEPT_BATCH && !w->draining; i++) {
