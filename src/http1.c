@@ -1124,11 +1124,6 @@ more:
 
 /* ---- helpers ---- */
 
-int http_token_eq(const char *a, size_t alen, const char *lit)
-{
-    return ascii_case_eq(a, alen, lit, strlen(lit));
-}
-
 int http_list_has(const char *v, size_t vlen, const char *lit)
 {
     size_t litlen = strlen(lit), i = 0, el;
