@@ -52,7 +52,7 @@ static size_t out_cap(const struct config_limits *l)
 static void on_client_event(evutil_socket_t fd, short what, void *arg)
 {
     struct conn *c = arg;
-    uint64_t outer = worker_clock_enter();
+    int entered = worker_clock_enter();
     worker_io_events++;
     if (what & (EV_READ | EV_CLOSED)) {
         c->readable = 1;
@@ -69,23 +69,23 @@ static void on_client_event(evutil_socket_t fd, short what, void *arg)
             c->readable = 1;
     }
     conn_pump(c);
-    worker_clock_leave(outer);
+    worker_clock_leave(entered);
 }
 
 static void on_timer(evutil_socket_t fd, short what, void *arg)
 {
     struct conn *c = arg;
-    uint64_t outer = worker_clock_enter();
+    int entered = worker_clock_enter();
     c->timer_at_ms = 0;
     conn_pump(c);
-    worker_clock_leave(outer);
+    worker_clock_leave(entered);
 }
 
 static void on_resume(evutil_socket_t fd, short what, void *arg)
 {
-    uint64_t outer = worker_clock_enter();
+    int entered = worker_clock_enter();
     conn_pump(arg);
-    worker_clock_leave(outer);
+    worker_clock_leave(entered);
 }
 
 void conn_on_upstream_event(struct conn *c, struct upconn *u, short what)

@@ -29,10 +29,10 @@ static void upconn_event(struct upconn *u, short what);
 
 static void on_upconn_event(evutil_socket_t fd, short what, void *arg)
 {
-    uint64_t outer = worker_clock_enter();
+    int entered = worker_clock_enter();
     worker_io_events++;
     upconn_event(arg, what);
-    worker_clock_leave(outer);
+    worker_clock_leave(entered);
 }
 
 static void upconn_event(struct upconn *u, short what)

@@ -120,10 +120,10 @@ static void accept_some(evutil_socket_t lfd, void *arg);
 
 static void on_accept(evutil_socket_t lfd, short what, void *arg)
 {
-    uint64_t outer = worker_clock_enter();
+    int entered = worker_clock_enter();
     worker_io_events++;
     accept_some(lfd, arg);
-    worker_clock_leave(outer);
+    worker_clock_leave(entered);
 }
 
 static void accept_some(evutil_socket_t lfd, void *arg)

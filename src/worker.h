@@ -100,15 +100,22 @@ static inline uint64_t worker_clock_read(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* Returns what worker_clock_leave restores (an enclosing event's time). */
-static inline uint64_t worker_clock_enter(void)
+/* Returns what worker_clock_leave takes. A callback run from inside
+ * another keeps the outer one's time, so the clock a request sees never
+ * goes back. */
+static inline int worker_clock_enter(void)
 {
-    uint64_t outer = worker_clock_ns;
+    if (worker_clock_ns)
+        return 0;
     worker_clock_ns = worker_clock_read();
-    return outer;
+    return 1;
 }
 
-static inline void worker_clock_leave(uint64_t outer) { worker_clock_ns = outer; }
+static inline void worker_clock_leave(int entered)
+{
+    if (entered)
+        worker_clock_ns = 0;
+}
 
 static inline uint64_t worker_now_ns(void)
 {
