@@ -104,6 +104,7 @@ class H2Client:
         self.streams = {}
         self.goaway = None
         self.closed = False
+        self.rbuf = b""
         self.flush()
 
     def flush(self):
@@ -154,7 +155,21 @@ class H2Client:
         if not data:
             self.closed = True
             return False
-        for ev in self.conn.receive_data(data):
+        # One frame at a time: python-h2 closes its state machine on a
+        # GOAWAY and would refuse the DATA of a stream it still covers
+        # (RFC 9113 6.8) if both came in one read.
+        self.rbuf += data
+        while len(self.rbuf) >= 9:
+            n = 9 + int.from_bytes(self.rbuf[:3], "big")
+            if len(self.rbuf) < n:
+                break
+            frame, self.rbuf = self.rbuf[:n], self.rbuf[n:]
+            self._handle(frame)
+        self.flush()
+        return True
+
+    def _handle(self, frame):
+        for ev in self.conn.receive_data(frame):
             if isinstance(ev, h2.events.ResponseReceived):
                 s = self.stream(ev.stream_id)
                 s["headers"] = ev.headers
@@ -174,8 +189,6 @@ class H2Client:
             # RFC 9113 6.8: streams up to last_stream_id still complete after
             # a graceful GOAWAY; python-h2 would refuse their frames.
             self.conn.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
-        self.flush()
-        return True
 
     def wait(self, sids, timeout=20):
         deadline = time.time() + timeout
