@@ -135,21 +135,6 @@ static inline int is_digit(char c)
     return c >= '0' && c <= '9';
 }
 
-static inline char ascii_lower(char c)
-{
-    return c >= 'A' && c <= 'Z' ? (char)(c + ('a' - 'A')) : c;
-}
-
-static int ascii_case_eq(const char *a, size_t alen, const char *b, size_t blen)
-{
-    if (alen != blen)
-        return 0;
-    for (size_t i = 0; i < alen; i++)
-        if (ascii_lower(a[i]) != ascii_lower(b[i]))
-            return 0;
-    return 1;
-}
-
 /* Scanners for the two long runs of a head: field values (VCHAR, SP,
  * HTAB, obs-text) and request-targets (visible ASCII). Each returns the
  * first byte at or after p, before end, outside its set, or end. Sixteen

@@ -138,22 +138,28 @@ int http_chunked_decode(struct http_chunked *c, const char *buf, size_t len,
                         size_t *consumed, const char **data, size_t *data_len);
 
 /* Helpers shared with the serializer and the proxy. */
+static inline char ascii_lower(char c)
+{
+    return c >= 'A' && c <= 'Z' ? (char)(c + ('a' - 'A')) : c;
+}
+
+/* Case-insensitive (ASCII) equality of a[0..alen) and b[0..blen). */
+static inline int ascii_case_eq(const char *a, size_t alen, const char *b, size_t blen)
+{
+    if (alen != blen)
+        return 0;
+    for (size_t i = 0; i < alen; i++)
+        if (ascii_lower(a[i]) != ascii_lower(b[i]))
+            return 0;
+    return 1;
+}
+
 /* Case-insensitive equality of a token with lit. Inline: with a literal,
  * its length is a constant and most field names fail on it at once (the
  * proxy asks it about twenty times per request). */
 static inline int http_token_eq(const char *a, size_t alen, const char *lit)
 {
-    size_t n = __builtin_strlen(lit);
-    if (alen != n)
-        return 0;
-    for (size_t i = 0; i < n; i++) {
-        char x = a[i], y = lit[i];
-        x = x >= 'A' && x <= 'Z' ? (char)(x + ('a' - 'A')) : x;
-        y = y >= 'A' && y <= 'Z' ? (char)(y + ('a' - 'A')) : y;
-        if (x != y)
-            return 0;
-    }
-    return 1;
+    return ascii_case_eq(a, alen, lit, __builtin_strlen(lit));
 }
 /* Does a comma-separated field value list contain token lit (case-insensitive)? */
 int http_list_has(const char *v, size_t vlen, const char *lit);
