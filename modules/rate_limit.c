@@ -59,13 +59,13 @@
 #include "module.h"
 #include "log.h"
 #include "rate_limit_batch.h"
+#include "rate_limit_events.h"
 #include "rate_limit_local.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <event2/event.h>
-#include <hiredis/adapters/libevent.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <openssl/evp.h>
@@ -1320,7 +1320,8 @@ static void rl_connect_master(struct rl_worker *w, const char *host, int port)
     }
     ac->data = w;
     w->ac = ac;
-    redisLibeventAttach(ac, w->base);
+    if (rl_events_attach(ac, w->base) < 0)
+        die("rate_limit: out of memory");
     redisAsyncSetConnectCallback(ac, on_master_connect);
     redisAsyncSetDisconnectCallback(ac, on_master_disconnect);
     /* Queued now, sent once connected, answered in this order; requests
@@ -1397,7 +1398,8 @@ static void rl_ask_sentinel(struct rl_worker *w)
     }
     sac->data = w;
     w->sac = sac;
-    redisLibeventAttach(sac, w->base);
+    if (rl_events_attach(sac, w->base) < 0)
+        die("rate_limit: out of memory");
     redisAsyncSetConnectCallback(sac, on_sentinel_connect);
     redisAsyncSetDisconnectCallback(sac, on_sentinel_disconnect);
     redisAsyncCommand(sac, on_sentinel_reply, NULL, "SENTINEL get-master-addr-by-name %s",
