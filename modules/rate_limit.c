@@ -40,7 +40,8 @@
  * batch_max; rate_limit_batch.h), decided by one script call sent when the
  * turn ends (the flush event, made active by the turn's first request,
  * runs after the turn's other events): Redis pays its per-call cost once
- * per batch, and a hot key once per batch. Batches are sent while
+ * per batch, and a hot key once per batch. The call is written in that
+ * same turn, without an epoll change (rate_limit_events.h). Batches are sent while
  * CONNECTING or READY (hiredis queues them behind the setup commands), or
  * wait in the worker's list while ASKING, unless the worker is "degraded":
  * a call timed out or the connection failed.
