@@ -120,56 +120,75 @@ static redisAsyncContext *client(struct event_base *base, int port)
     return ac;
 }
 
+/* A client connected to a server of this test, and the server's side
+ * accepted (its read event not yet added: the test decides when it reads). */
+struct fixture {
+    struct event_base *base;
+    struct server s;
+    redisAsyncContext *ac;
+    struct rl_events *e;
+};
+
+static void fixture_open(struct fixture *f, int rcvbuf)
+{
+    int port;
+    memset(f, 0, sizeof(*f));
+    reset();
+    f->base = event_base_new();
+    f->s.lfd = listen_any(rcvbuf, &port);
+    f->ac = client(f->base, port);
+    f->e = f->ac->ev.data;
+    run_until(f->base, &connected, 2000);
+    CHECK_EQ_INT(connect_status, REDIS_OK);
+    server_accept(&f->s, f->base);
+}
+
+/* ac: still the client's, or NULL once hiredis freed it. */
+static void fixture_close(struct fixture *f, redisAsyncContext *ac)
+{
+    if (ac)
+        redisAsyncFree(ac); /* cleanup frees the events */
+    if (f->s.ev)
+        event_free(f->s.ev);
+    if (f->s.fd >= 0)
+        close(f->s.fd);
+    close(f->s.lfd);
+    event_base_free(f->base);
+}
+
 static void test_small_commands_written_in_their_turn(void)
 {
-    struct event_base *base = event_base_new();
-    struct server s = { 0 };
-    int port;
-    reset();
-    s.lfd = listen_any(0, &port);
-    redisAsyncContext *ac = client(base, port);
-    struct rl_events *e = ac->ev.data;
-    run_until(base, &connected, 2000);
-    CHECK_EQ_INT(connect_status, REDIS_OK);
-    server_accept(&s, base);
-    event_add(s.ev, NULL);
+    struct fixture f;
+    fixture_open(&f, 0);
+    redisAsyncContext *ac = f.ac;
+    struct rl_events *e = f.e;
+    event_add(f.s.ev, NULL);
     for (int i = 1; i <= 3; i++) {
         static const char cmd[] = "*1\r\n$4\r\nPING\r\n";
-        s.want = s.got + sizeof(cmd) - 1;
+        f.s.want = f.s.got + sizeof(cmd) - 1;
         CHECK_EQ_INT(redisAsyncFormattedCommand(ac, on_reply, NULL, cmd, sizeof(cmd) - 1), REDIS_OK);
         /* queued: written by the kick, EV_WRITE not registered */
         CHECK(event_pending(e->kick, EV_TIMEOUT, NULL));
         CHECK(!event_pending(e->wev, EV_WRITE, NULL));
-        event_base_loop(base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
+        event_base_loop(f.base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
         CHECK(!event_pending(e->wev, EV_WRITE, NULL));
-        CHECK_EQ_INT(ac->c.obuf[0], 0); /* all written */
-        run_until(base, &replies, 2000);
+        CHECK_EQ_INT(sdslen(ac->c.obuf), 0); /* all written */
+        run_until(f.base, &replies, 2000);
         CHECK_EQ_INT(replies, 1);
         CHECK_STR(last_reply, strlen(last_reply), "OK");
         CHECK(event_pending(e->rev, EV_READ, NULL)); /* stays registered */
         replies = 0;
     }
-    redisAsyncFree(ac); /* cleanup frees the events */
-    event_free(s.ev);
-    close(s.fd);
-    close(s.lfd);
-    event_base_free(base);
+    fixture_close(&f, ac);
 }
 
 static void test_large_command_waits_for_room(void)
 {
-    struct event_base *base = event_base_new();
-    struct server s = { 0 };
-    int port;
-    reset();
-    s.lfd = listen_any(4096, &port);
-    redisAsyncContext *ac = client(base, port);
-    struct rl_events *e = ac->ev.data;
-    run_until(base, &connected, 2000);
-    CHECK_EQ_INT(connect_status, REDIS_OK);
+    struct fixture f;
+    fixture_open(&f, 4096);
+    redisAsyncContext *ac = f.ac;
     int sndbuf = 4096;
     setsockopt(ac->c.fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
-    server_accept(&s, base);
 
     size_t vlen = 4u << 20;
     char *v = malloc(vlen);
@@ -180,48 +199,36 @@ static void test_large_command_waits_for_room(void)
     size_t len = sdslen(ac->c.obuf);
     for (size_t i = 0; i < len; i++)
         sum += (unsigned char)ac->c.obuf[i];
-    s.want = len;
-    event_base_loop(base, EVLOOP_ONCE | EVLOOP_NONBLOCK); /* the kick: a partial write */
+    f.s.want = len;
+    event_base_loop(f.base, EVLOOP_ONCE | EVLOOP_NONBLOCK); /* the kick: a partial write */
     CHECK(sdslen(ac->c.obuf) > 0);
-    CHECK(event_pending(e->wev, EV_WRITE, NULL));
-    event_add(s.ev, NULL); /* room again: EV_WRITE writes the rest */
-    run_until(base, &replies, 10000);
+    CHECK(event_pending(f.e->wev, EV_WRITE, NULL));
+    event_add(f.s.ev, NULL); /* room again: EV_WRITE writes the rest */
+    run_until(f.base, &replies, 10000);
     CHECK_EQ_INT(replies, 1);
-    CHECK_EQ_INT(s.got, len);
-    CHECK_EQ_INT(s.sum, sum);
-    CHECK(!event_pending(e->wev, EV_WRITE, NULL));
+    CHECK_EQ_INT(f.s.got, len);
+    CHECK_EQ_INT(f.s.sum, sum);
+    CHECK(!event_pending(f.e->wev, EV_WRITE, NULL));
     free(v);
-    redisAsyncFree(ac);
-    event_free(s.ev);
-    close(s.fd);
-    close(s.lfd);
-    event_base_free(base);
+    fixture_close(&f, ac);
 }
 
 static void test_peer_closes_with_a_command_queued(void)
 {
-    struct event_base *base = event_base_new();
-    struct server s = { 0 };
-    int port;
-    reset();
-    s.lfd = listen_any(0, &port);
-    redisAsyncContext *ac = client(base, port);
-    run_until(base, &connected, 2000);
-    server_accept(&s, base);
-    event_free(s.ev);
-    s.ev = NULL;
+    struct fixture f;
+    fixture_open(&f, 0);
     /* RST: the pending command's write or the read sees the error */
     struct linger lg = { 1, 0 };
-    setsockopt(s.fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
-    close(s.fd);
-    CHECK_EQ_INT(redisAsyncCommand(ac, on_reply, NULL, "PING"), REDIS_OK);
-    run_until(base, &disconnected, 2000);
+    setsockopt(f.s.fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    close(f.s.fd);
+    f.s.fd = -1;
+    CHECK_EQ_INT(redisAsyncCommand(f.ac, on_reply, NULL, "PING"), REDIS_OK);
+    run_until(f.base, &disconnected, 2000);
     CHECK_EQ_INT(disconnected, 1);
     CHECK_EQ_INT(disconnect_status, REDIS_ERR);
     CHECK_EQ_INT(nil_replies, 1); /* the callback still runs, without a reply */
     CHECK_EQ_INT(replies, 0);
-    close(s.lfd);
-    event_base_free(base);
+    fixture_close(&f, NULL); /* hiredis freed the context */
 }
 
 static void test_nobody_listening(void)
