@@ -20,8 +20,8 @@ struct rl_events {
     struct event *wev;  /* persistent while registered: the connect, or the
                          * rest of a write */
     struct event *kick; /* made active: write what was queued this turn */
-    int writing;        /* inside our own write: addWrite means "not all written" */
-    int *freed;         /* set when cleanup runs inside our own write */
+    int *freed;         /* non-NULL inside our own write (then addWrite means
+                         * "not all written"); cleanup sets *freed */
 };
 
 static void rl_events_on_read(evutil_socket_t fd, short what, void *arg)
@@ -35,22 +35,14 @@ static void rl_events_on_read(evutil_socket_t fd, short what, void *arg)
 static void rl_events_write(struct rl_events *e)
 {
     int freed = 0;
-    e->writing = 1;
     e->freed = &freed;
     redisAsyncHandleWrite(e->ac);
-    if (!freed) {
-        e->writing = 0;
+    if (!freed)
         e->freed = NULL;
-    }
 }
 
+/* For both wev (the connect completes or fails, or room again) and kick. */
 static void rl_events_on_write(evutil_socket_t fd, short what, void *arg)
-{
-    (void)fd, (void)what;
-    rl_events_write(arg); /* the connect completes (or fails), or room again */
-}
-
-static void rl_events_on_kick(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd, (void)what;
     rl_events_write(arg);
@@ -73,12 +65,12 @@ static void rl_events_add_write(void *priv)
     struct rl_events *e = priv;
     /* Before the connect completes, only EV_WRITE tells (hiredis checks
      * SO_ERROR then); a write that stopped short waits for room. */
-    if (e->writing || !(e->ac->c.flags & REDIS_CONNECTED)) {
+    if (e->freed || !(e->ac->c.flags & REDIS_CONNECTED)) {
         if (!event_pending(e->wev, EV_WRITE, NULL))
             event_add(e->wev, NULL);
-    }
-    else
+    } else {
         event_active(e->kick, EV_TIMEOUT, 1);
+    }
 }
 
 static void rl_events_del_write(void *priv)
@@ -108,7 +100,7 @@ static inline int rl_events_attach(redisAsyncContext *ac, struct event_base *bas
     e->ac = ac;
     e->rev = event_new(base, ac->c.fd, EV_READ | EV_PERSIST, rl_events_on_read, e);
     e->wev = event_new(base, ac->c.fd, EV_WRITE | EV_PERSIST, rl_events_on_write, e);
-    e->kick = event_new(base, -1, 0, rl_events_on_kick, e);
+    e->kick = event_new(base, -1, 0, rl_events_on_write, e);
     if (!e->rev || !e->wev || !e->kick) {
         if (e->rev)
             event_free(e->rev);
