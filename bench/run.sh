@@ -50,6 +50,9 @@
 #                    and without resumption 18814-18816)
 #   BENCH_PROXY_CPU  core for the proxy under test (default 0)
 #   BENCH_LOAD_CPU   core for the origin and wrk (default 1)
+#   BENCH_ORIGIN     c (default): bench/origin.c, a fixed-response server
+#                    built by this script; nginx: the nginx origin of
+#                    bench/conf/upstream-nginx.conf (before 27 Nov 2026)
 #   BENCH_OUT        if set, the raw results (TSV) are copied there
 #   BENCH_KEEP=1     keep the temp dir (configs, logs) for inspection
 set -euo pipefail
@@ -67,6 +70,7 @@ read -r -a PROXIES <<<"${BENCH_PROXIES:-portico nginx haproxy}"
 read -r -a CASES <<<"${BENCH_CASES:-small 4k 64k close}"
 PROXY_CPU=${BENCH_PROXY_CPU:-0}
 LOAD_CPU=${BENCH_LOAD_CPU:-1}
+BENCH_ORIGIN=${BENCH_ORIGIN:-c}
 PORTICO_BIN=${PORTICO_BIN:-$ROOT/build/src/portico}
 
 B=${BENCH_PORT_BASE:-18800}
@@ -258,12 +262,25 @@ start_nginx() { # start_nginx NAME TEMPLATE PORT CPU [TLSPORT]
     wait_up "$name" "$3" "$dir/error.log"
 }
 
+# The origin: bench/origin.c (default), built here, or nginx
+# (BENCH_ORIGIN=nginx, bench/conf/upstream-nginx.conf). Both answer /small
+# from memory and /4k.bin, /64k.bin with the same files' bytes.
 start_origin() {
     mkdir -p "$TMP/origin/www"
     head -c 4096 /dev/urandom >"$TMP/origin/www/4k.bin"
     head -c 65536 /dev/urandom >"$TMP/origin/www/64k.bin"
     printf 'hello from the bench origin\n' >"$TMP/origin/small.expected"
-    start_nginx origin upstream-nginx.conf "$PORT_ORIGIN" "$LOAD_CPU"
+    case $BENCH_ORIGIN in
+        c)
+            ${CC:-cc} -O2 -Wall -Wextra -Werror -o "$TMP/origin/origin" "$ROOT/bench/origin.c" \
+                >"$TMP/origin/cc.log" 2>&1 || die "cannot build bench/origin.c: $(cat "$TMP/origin/cc.log")"
+            start origin "$LOAD_CPU" "$TMP/origin/stderr.log" "$TMP/origin/origin" -p "$PORT_ORIGIN" \
+                -l 127.0.0.1 -l 127.0.0.2 -l 127.0.0.3 -d "$TMP/origin/www"
+            wait_up origin "$PORT_ORIGIN" "$TMP/origin/stderr.log"
+            ;;
+        nginx) start_nginx origin upstream-nginx.conf "$PORT_ORIGIN" "$LOAD_CPU" ;;
+        *) die "BENCH_ORIGIN must be c or nginx, not $BENCH_ORIGIN" ;;
+    esac
 }
 
 start_proxy() {
@@ -746,7 +763,7 @@ versions="$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v 2>&1 | awk 'NR == 1 {p
 if [[ " ${STARTED[*]} " == *" portico "* ]]; then
     versions="$("$PORTICO_BIN" --version 2>/dev/null | head -1 || echo portico), $versions"
 fi
-echo "$versions; wrk -t1 -c$BENCH_CONNS; ${BENCH_SECONDS}s x $BENCH_ROUNDS round(s); proxy on CPU $PROXY_CPU; Portico busy_poll_us ${BENCH_BUSY_POLL_US}"
+echo "$versions; wrk -t1 -c$BENCH_CONNS; ${BENCH_SECONDS}s x $BENCH_ROUNDS round(s); proxy on CPU $PROXY_CPU; Portico busy_poll_us ${BENCH_BUSY_POLL_US}; origin $BENCH_ORIGIN"
 "$PY" - "$RESULTS" "$TMP/redis-calls.tsv" "$IDLE_RESULTS" "$TMP/death.tsv" <<'EOF'
 import csv, os, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
