@@ -41,6 +41,11 @@ static size_t in_cap(const struct config_limits *l)
     return cap < 16384 ? 16384 : cap;
 }
 
+/* An upstream connection's read buffer: a response head at the limit,
+ * and a 64 KiB body with its head in one read, so such a response costs
+ * one read and one write, and wakes the client once. */
+static size_t up_in_cap(const struct config_limits *l) { return in_cap(l) + 65536; }
+
 static size_t out_cap(const struct config_limits *l)
 {
     size_t cap = 2 * l->max_header_bytes + 4096;
@@ -1203,7 +1208,7 @@ static int proxy_try_begin(struct conn *c, int idx)
     uint64_t now = worker_now_ms(c->w);
     r->ep = p->ep;
     const struct config_limits *l = limits(c);
-    c->up = upconn_get(p, c, in_cap(l) * 2, out_cap(l));
+    c->up = upconn_get(p, c, up_in_cap(l), out_cap(l));
     if (!c->up)
         return 0;
     if (c->up->state == UP_CONNECTING) {
@@ -1485,7 +1490,7 @@ static void upstream_gone(struct conn *c, int status, const char *why)
         /* Skip the other idle ones: they are likely as stale. */
         pool_close_all(p);
         const struct config_limits *l = limits(c);
-        c->up = upconn_get(p, c, in_cap(l) * 2, out_cap(l));
+        c->up = upconn_get(p, c, up_in_cap(l), out_cap(l));
         if (c->up) {
             c->up->requests++;
             r->up_connect_deadline_ms = worker_now_ms(c->w) + (uint64_t)p->up->connect_timeout_ms;
