@@ -19,10 +19,10 @@
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +41,7 @@
 
 struct body {
     char path[256];
+    size_t path_len;
     const char *type;
     char *data;
     size_t len;
@@ -81,6 +82,7 @@ static void add_body(const char *path, const char *type, char *data, size_t len)
     if (!bodies)
         die("realloc");
     snprintf(bodies[n_bodies].path, sizeof(bodies[n_bodies].path), "%s", path);
+    bodies[n_bodies].path_len = strlen(bodies[n_bodies].path);
     bodies[n_bodies].type = type;
     bodies[n_bodies].data = data;
     bodies[n_bodies].len = len;
@@ -194,12 +196,12 @@ static void parse(struct conn *c)
         size_t plen = sp2 - sp1 - 1;
         const struct body *b = NULL;
         for (size_t i = 0; i < n_bodies; i++)
-            if (strlen(bodies[i].path) == plen && memcmp(bodies[i].path, sp1 + 1, plen) == 0)
+            if (bodies[i].path_len == plen && memcmp(bodies[i].path, sp1 + 1, plen) == 0)
                 b = &bodies[i];
         if (b)
             queue_answer(c, 200, b, head);
         else {
-            static struct body not_found = {"", "text/plain", "not found\n", 10};
+            static struct body not_found = {"", 0, "text/plain", "not found\n", 10};
             queue_answer(c, 404, &not_found, head);
         }
     }
@@ -207,40 +209,39 @@ static void parse(struct conn *c)
     c->in_len -= used;
 }
 
-/* Writes what is queued; returns -1 when the connection is to be closed. */
+/* Writes what is queued in one writev; returns -1 when the connection is
+ * to be closed. What the socket did not take waits for EPOLLOUT. */
 static int flush(struct conn *c)
 {
+    if (!c->q_count)
+        return c->closing ? -1 : 0;
+    struct iovec iov[2 * Q_MAX];
+    int n = 0;
+    size_t off = c->q_off;
+    for (int i = 0; i < c->q_count; i++) {
+        struct answer *a = &c->q[(c->q_first + i) % Q_MAX];
+        if (off < a->head_len)
+            iov[n++] = (struct iovec){a->head + off, a->head_len - off};
+        size_t boff = off > a->head_len ? off - a->head_len : 0;
+        if (a->body_len > boff)
+            iov[n++] = (struct iovec){(char *)a->body + boff, a->body_len - boff};
+        off = 0;
+    }
+    ssize_t w = writev(c->fd, iov, n);
+    if (w < 0)
+        return errno == EAGAIN ? 0 : -1;
+    size_t left = w;
     while (c->q_count) {
-        struct iovec iov[2 * Q_MAX];
-        int n = 0;
-        size_t off = c->q_off;
-        for (int i = 0; i < c->q_count; i++) {
-            struct answer *a = &c->q[(c->q_first + i) % Q_MAX];
-            if (off < a->head_len)
-                iov[n++] = (struct iovec){a->head + off, a->head_len - off};
-            size_t boff = off > a->head_len ? off - a->head_len : 0;
-            if (a->body_len > boff)
-                iov[n++] = (struct iovec){(char *)a->body + boff, a->body_len - boff};
-            off = 0;
+        struct answer *a = &c->q[c->q_first];
+        size_t rest = a->head_len + a->body_len - c->q_off;
+        if (left < rest) {
+            c->q_off += left;
+            return 0;
         }
-        ssize_t w = writev(c->fd, iov, n);
-        if (w < 0)
-            return errno == EAGAIN ? 0 : -1;
-        size_t left = w;
-        while (c->q_count) {
-            struct answer *a = &c->q[c->q_first];
-            size_t rest = a->head_len + a->body_len - c->q_off;
-            if (left < rest) {
-                c->q_off += left;
-                break;
-            }
-            left -= rest;
-            c->q_off = 0;
-            c->q_first = (c->q_first + 1) % Q_MAX;
-            c->q_count--;
-        }
-        if (c->q_count)
-            return 0; /* the socket took part of it: wait for EPOLLOUT */
+        left -= rest;
+        c->q_off = 0;
+        c->q_first = (c->q_first + 1) % Q_MAX;
+        c->q_count--;
     }
     return c->closing ? -1 : 0;
 }
