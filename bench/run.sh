@@ -24,7 +24,8 @@
 #                    "ratelimit": the route without filters vs one
 #                    rate_limit kept in process vs one in Redis (a
 #                    redis-server is started), with Redis commands per
-#                    request (goals 0.97 and 0.85). "jwt": the route
+#                    request (goals 0.97 and 0.85); max_calls_in_flight
+#                    is 1 with busy polling, 0 without. "jwt": the route
 #                    without auth vs jwt_auth with RS256 and ES256 tokens,
 #                    with and without the verified-token cache (goal with
 #                    it >= 0.90). "tls": /small with keep-alive over TLS;
@@ -66,6 +67,14 @@ BENCH_ROUNDS=${BENCH_ROUNDS:-1}
 BENCH_CONNS=${BENCH_CONNS:-64}
 BENCH_BUSY_POLL_US=${BENCH_BUSY_POLL_US:-50}
 [[ $BENCH_BUSY_POLL_US =~ ^[0-9]+$ ]] || { echo "BENCH_BUSY_POLL_US: a number" >&2; exit 2; }
+# rate_limit's max_calls_in_flight as docs/config.md advises: 1 with busy
+# polling (the answer is seen at once, so batches grow instead of calls
+# multiplying), no cap without it.
+# BENCH_RL_IN_FLIGHT overrides it.
+RL_IN_FLIGHT=0
+((BENCH_BUSY_POLL_US == 0)) || RL_IN_FLIGHT=1
+RL_IN_FLIGHT=${BENCH_RL_IN_FLIGHT:-$RL_IN_FLIGHT}
+[[ $RL_IN_FLIGHT =~ ^[0-9]+$ ]] || { echo "BENCH_RL_IN_FLIGHT: a number" >&2; exit 2; }
 read -r -a PROXIES <<<"${BENCH_PROXIES:-portico nginx haproxy}"
 read -r -a CASES <<<"${BENCH_CASES:-small 4k 64k close}"
 PROXY_CPU=${BENCH_PROXY_CPU:-0}
@@ -209,7 +218,7 @@ render() {
     fi
     sed -e "s|@DIR@|$3|g" -e "s|@PORT@|$4|g" -e "s|@UPSTREAM@|$ORIGIN|g" \
         -e "s|@USER@|$user|g" -e "s|@REDIS@|${PORT_REDIS:-0}|g" \
-        -e "s|@BUSY_POLL_US@|$BENCH_BUSY_POLL_US|g" \
+        -e "s|@BUSY_POLL_US@|$BENCH_BUSY_POLL_US|g" -e "s|@RL_IN_FLIGHT@|$RL_IN_FLIGHT|g" \
         -e "s|@ORIGIN_PORT@|$PORT_ORIGIN|g" -e "s|@DYING_PORT@|${PORT_DYING:-0}|g" -e "s|@TLSPORT@|${5:-}|g" -e "s|@TLSFULLPORT@|$((${5:-0} + 3))|g" -e "s|@TLSDIR@|$TMP/tls|g" \
         -e "s|@TLS_LISTENER@|$tls_listener|g" "${tls_on[@]}" "$ROOT/bench/conf/$1" >"$2"
 }
@@ -763,7 +772,7 @@ versions="$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v 2>&1 | awk 'NR == 1 {p
 if [[ " ${STARTED[*]} " == *" portico "* ]]; then
     versions="$("$PORTICO_BIN" --version 2>/dev/null | head -1 || echo portico), $versions"
 fi
-echo "$versions; wrk -t1 -c$BENCH_CONNS; ${BENCH_SECONDS}s x $BENCH_ROUNDS round(s); proxy on CPU $PROXY_CPU; Portico busy_poll_us ${BENCH_BUSY_POLL_US}; origin $BENCH_ORIGIN"
+echo "$versions; wrk -t1 -c$BENCH_CONNS; ${BENCH_SECONDS}s x $BENCH_ROUNDS round(s); proxy on CPU $PROXY_CPU; Portico busy_poll_us ${BENCH_BUSY_POLL_US}; origin $BENCH_ORIGIN$( ((!RATELIMIT)) || echo "; rate_limit max_calls_in_flight $RL_IN_FLIGHT")"
 "$PY" - "$RESULTS" "$TMP/redis-calls.tsv" "$IDLE_RESULTS" "$TMP/death.tsv" <<'EOF'
 import csv, os, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))

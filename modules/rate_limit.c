@@ -40,11 +40,14 @@
  * batch_max; rate_limit_batch.h), decided by one script call sent when the
  * turn ends (the flush event, made active by the turn's first request,
  * runs after the turn's other events): Redis pays its per-call cost once
- * per batch, and a hot key once per batch. The call is written in that
- * same turn, without an epoll change (rate_limit_events.h). Batches are sent while
- * CONNECTING or READY (hiredis queues them behind the setup commands), or
- * wait in the worker's list while ASKING, unless the worker is "degraded":
- * a call timed out or the connection failed.
+ * per batch, and a hot key once per batch. With max_calls_in_flight, a
+ * worker with that many calls unanswered holds its batches until one
+ * lands (or times out), so under load they grow instead of the calls
+ * multiplying. A call is written in the turn it is sent, without an
+ * epoll change (rate_limit_events.h). Batches are sent while CONNECTING
+ * or READY (hiredis queues them behind the setup commands), or wait in the
+ * worker's list while ASKING, unless the worker is "degraded": a call
+ * timed out or the connection failed.
  * Degraded, requests take the on_redis_error path at once, without waiting,
  * and a probe (EVALSHA of the script with no keys) goes out every
  * RL_PROBE_MS until Redis answers. A degraded episode is logged once per
@@ -236,7 +239,7 @@ struct rl_redis {
     char *username, *password;
     int db;
     int timeout_ms, connect_timeout_ms, reconnect_min_ms, reconnect_max_ms;
-    int max_pending, memo_size, batch_max;
+    int max_pending, memo_size, batch_max, max_calls_in_flight;
     char *prefix;
     char *label; /* for logs: where Redis is; never a password */
     char sha[41];
@@ -625,7 +628,8 @@ static int rl_parse_global(json_t *json, const char *path, void **gcfg, char *er
         "username",         "password",           "db",
         "timeout_ms",       "connect_timeout_ms", "key_prefix",
         "reconnect_min_ms", "reconnect_max_ms",   "max_pending",
-        "memo_size",        "batch_max",          NULL,
+        "memo_size",        "batch_max",          "max_calls_in_flight",
+        NULL,
     };
     if (rl_check_keys(json, path, known, err, errlen) < 0)
         return -1;
@@ -638,6 +642,7 @@ static int rl_parse_global(json_t *json, const char *path, void **gcfg, char *er
     rc->max_pending = 1024;
     rc->memo_size = 4096;
     rc->batch_max = 64;
+    rc->max_calls_in_flight = 0;
     const char *addr = NULL, *master = NULL, *user = NULL, *pass = NULL, *prefix = NULL;
     json_t *sent = json_object_get(json, "sentinels");
     if (rl_get_str(json, path, "address", &addr, err, errlen) < 0 ||
@@ -655,7 +660,9 @@ static int rl_parse_global(json_t *json, const char *path, void **gcfg, char *er
             0 ||
         rl_get_int(json, path, "max_pending", 1, 1000000, &rc->max_pending, err, errlen) < 0 ||
         rl_get_int(json, path, "memo_size", 0, 1 << 20, &rc->memo_size, err, errlen) < 0 ||
-        rl_get_int(json, path, "batch_max", 1, 256, &rc->batch_max, err, errlen) < 0)
+        rl_get_int(json, path, "batch_max", 1, 256, &rc->batch_max, err, errlen) < 0 ||
+        rl_get_int(json, path, "max_calls_in_flight", 0, 1024, &rc->max_calls_in_flight, err,
+                   errlen) < 0)
         goto fail;
     if (rc->reconnect_max_ms < rc->reconnect_min_ms) {
         rl_err(err, errlen, "%s.reconnect_max_ms: must not be below reconnect_min_ms", path);
@@ -1159,9 +1166,11 @@ struct rl_worker {
     int backoff_ms;
     size_t next_sentinel;
     int pending;         /* requests waiting on Redis, in batches filling or sent */
+    int in_flight;       /* calls sent and neither answered nor timed out */
     struct event *timer; /* retry, connect timeout or probe, by state */
     struct event *tick;  /* notices a dropped config */
     struct event *flush; /* sends the batches filled in this loop turn */
+    int flush_active;    /* flush is made active and has not run yet */
     struct rl_memo *memo;
     /* Batches filling in this loop turn (only the last has room). */
     struct rl_batch *fill_head, *fill_tail;
@@ -1179,8 +1188,9 @@ struct rl_worker {
 struct rl_batch {
     struct rl_worker *w;
     struct rl_batch *next;     /* in w's filling or waiting list */
-    struct event *timer;       /* timeout_ms from the send; NULL once nobody waits */
+    struct event *timer;       /* timeout_ms from its first request; NULL once nobody waits */
     int evalled;               /* already resent as EVAL after NOSCRIPT */
+    int flying;                /* counted in w->in_flight */
     size_t n, cap;             /* slots used, slots */
     size_t attached;           /* slots whose request still waits */
     size_t nkeys;              /* keys of all slots (set when sent) */
@@ -1599,6 +1609,24 @@ static void rl_batch_send(struct rl_worker *w, struct rl_batch *b)
     if (redisAsyncFormattedCommand(w->ac, on_eval_reply, b, b->cmd, b->cmdlen) != REDIS_OK) {
         rl_trouble(w, "cannot send", NULL);
         rl_batch_drop(b);
+        return;
+    }
+    b->flying = 1;
+    w->in_flight++;
+}
+
+/* b's call is answered or timed out: batches held behind it go out at the
+ * end of this loop turn. */
+static void rl_batch_landed(struct rl_batch *b)
+{
+    struct rl_worker *w = b->w;
+    if (!b->flying)
+        return;
+    b->flying = 0;
+    w->in_flight--;
+    if (w->fill_head && !w->closing && !w->flush_active) {
+        w->flush_active = 1;
+        event_active(w->flush, EV_TIMEOUT, 1);
     }
 }
 
@@ -1741,6 +1769,7 @@ static void on_batch_timeout(evutil_socket_t fd, short what, void *arg)
     event_free(b->timer);
     b->timer = NULL; /* the late answer, if any, only frees b */
     rl_trouble(w, "no answer within timeout_ms", NULL);
+    rl_batch_landed(b); /* the batches held behind it fall back now */
     if (w->state == RW_READY && !evtimer_pending(w->timer, NULL))
         rl_arm(w, RL_PROBE_MS);
     for (size_t i = 0; i < b->n; i++)
@@ -1748,15 +1777,35 @@ static void on_batch_timeout(evutil_socket_t fd, short what, void *arg)
             rl_give_up(b->q[i]);
 }
 
+/* timeout_ms from the batch's first request: a request held behind a call
+ * in flight waits no longer than one sent at once. */
+static void rl_batch_arm(struct rl_worker *w, struct rl_batch *b)
+{
+    b->timer = evtimer_new(w->base, on_batch_timeout, b);
+    if (!b->timer)
+        die("rate_limit: evtimer_new failed");
+    struct timeval tv = { w->rc->timeout_ms / 1000, (w->rc->timeout_ms % 1000) * 1000 };
+    evtimer_add(b->timer, &tv);
+}
+
 /* Send the batches filled during this loop turn (an event made active by
  * the turn's first paused request runs after the turn's other events). */
 static void on_flush(evutil_socket_t fd, short what, void *arg)
 {
     struct rl_worker *w = arg;
+    int cap = w->rc->max_calls_in_flight;
     struct rl_batch *b = w->fill_head;
+    w->flush_active = 0;
     w->fill_head = NULL;
     while (b) {
         struct rl_batch *next = b->next;
+        if (cap && w->in_flight >= cap && !w->degraded && !w->closing && w->state != RW_ASKING &&
+            w->ac && w->state != RW_DOWN) {
+            /* Held until a call lands: under load the batches grow instead
+             * of the calls multiplying. */
+            w->fill_head = b;
+            return;
+        }
         b->next = NULL;
         /* compact: requests that left while the batch filled */
         size_t n = 0;
@@ -1779,11 +1828,8 @@ static void on_flush(evutil_socket_t fd, short what, void *arg)
             rl_batch_drop(b);
         } else {
             rl_batch_build(w->rc, b);
-            b->timer = evtimer_new(w->base, on_batch_timeout, b);
             if (!b->timer)
-                die("rate_limit: evtimer_new failed");
-            struct timeval tv = { w->rc->timeout_ms / 1000, (w->rc->timeout_ms % 1000) * 1000 };
-            evtimer_add(b->timer, &tv);
+                rl_batch_arm(w, b);
             if (w->state == RW_ASKING) {
                 *w->wait_tail = b;
                 w->wait_tail = &b->next;
@@ -1846,6 +1892,7 @@ static void on_eval_reply(redisAsyncContext *ac, void *rv, void *priv)
         event_free(b->timer);
         b->timer = NULL;
     }
+    rl_batch_landed(b);
     int good = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == b->nkeys;
     for (size_t i = 0; good && i < b->nkeys; i++)
         good = rep->element[i]->type == REDIS_REPLY_INTEGER;
@@ -1929,6 +1976,13 @@ static enum filter_status rl_redis(struct rl_req *q)
         else
             w->fill_head = b;
         w->fill_tail = b;
+    }
+    /* A held batch may have timed out and given up its requests: the new
+     * one gets a timer of its own. */
+    if (!b->timer)
+        rl_batch_arm(w, b);
+    if (!w->flush_active) {
+        w->flush_active = 1;
         event_active(w->flush, EV_TIMEOUT, 1);
     }
     q->batch = b;

@@ -749,3 +749,73 @@ def test_batch_max_bounds_a_call(portico, redis):
         assert least <= calls <= 40, (bmax, calls)
         codes = burst(p.port, 20, c)
         assert codes.count(200) == 10 and codes.count(429) == 10, (bmax, codes)
+
+
+def sent_apart(port, n, client, gap):
+    """n requests, each on its own connection, gap seconds apart (one loop
+    turn each): the open sockets, to be read with read_codes."""
+    req = ("GET /rl/x HTTP/1.1\r\nHost: t\r\nX-Client: %s\r\nConnection: close\r\n\r\n"
+           % client).encode()
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(req)
+        socks.append(s)
+        time.sleep(gap)
+    return socks
+
+
+def read_codes(socks):
+    codes = []
+    for s in socks:
+        data = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError:
+            pass
+        s.close()
+        codes.append(int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0)
+    return codes
+
+
+def test_max_calls_in_flight_holds_batches(portico, redis):
+    """Requests arriving one loop turn apart while a call waits on Redis:
+    with max_calls_in_flight 1 they wait together for it to land and go
+    out as one call; with 0 (no cap) each turn sends its own. The limit is
+    exact either way."""
+    rd = redis()
+    for cap, calls_expected in ((1, 2), (0, 8)):
+        p = start(portico, {"key": "header:X-Client", "rate": "5/m"}, rd.port,
+                  redis_extra={"timeout_ms": 3000, "max_calls_in_flight": cap})
+        assert hit(p.port, uniq()).status == 200              # connected
+        before = rd.cmdstat("evalsha")                        # (INFO waits out a pause)
+        rd.cli("CLIENT", "PAUSE", "600", "ALL")
+        codes = read_codes(sent_apart(p.port, 8, uniq(), 0.03))
+        assert sorted(codes) == [200] * 5 + [429] * 3, (cap, codes)
+        assert rd.cmdstat("evalsha") - before == calls_expected, cap
+        assert "fallback" not in p.stdout() and "on_redis_error" not in p.stderr()
+        p.stop()
+
+
+def test_held_requests_fall_back_within_the_timeout(portico, redis):
+    """A request held behind a call that never lands waits no longer than
+    timeout_ms from its own arrival, then takes on_redis_error."""
+    rd = redis()
+    p = start(portico, {"key": "header:X-Client", "rate": "100/m", "on_redis_error": "allow"},
+              rd.port, redis_extra={"timeout_ms": 300, "max_calls_in_flight": 1})
+    assert hit(p.port, uniq()).status == 200
+    rd.cli("CLIENT", "PAUSE", "3000", "ALL")
+    t0 = time.monotonic()
+    socks = sent_apart(p.port, 3, uniq(), 0.1)                 # the first is in flight
+    codes = read_codes(socks)
+    took = time.monotonic() - t0
+    assert codes == [200, 200, 200], codes
+    # all three answered when the first call timed out (0.3 s), long
+    # before the pause ends (3 s); loose bounds for a busy machine
+    assert 0.25 <= took < 1.5, took
+    assert util.wait_until(lambda: "no answer within timeout_ms" in p.stderr(), 2)
+    assert p.poll() is None

@@ -507,6 +507,10 @@ static void test_config_ok(void)
               "{'key': 'ip', 'rate': '1/d'}");
     expect_ok(__LINE__, "{'address': '127.0.0.1:6379', 'batch_max': 256}",
               "{'key': 'ip', 'rate': '1/d'}");
+    expect_ok(__LINE__, "{'address': '127.0.0.1:6379', 'max_calls_in_flight': 0}",
+              "{'key': 'ip', 'rate': '1/d'}");
+    expect_ok(__LINE__, "{'address': '127.0.0.1:6379', 'max_calls_in_flight': 1024}",
+              "{'key': 'ip', 'rate': '1/d'}");
     expect_ok(__LINE__, "{'address': '[::1]:6379', 'password': 'x', 'db': 3, 'timeout_ms': 20}",
               "{'key': 'ip', 'rate': '1/h', 'on_redis_error': 'deny'}");
     expect_ok(__LINE__, "{'address': 'unix:/run/redis.sock'}",
@@ -609,6 +613,12 @@ static void test_config_errors(void)
                "redis.batch_max: ", "from 1 to 256");
     expect_err(__LINE__, "{'address': '127.0.0.1:1', 'batch_max': 257}", f,
                "redis.batch_max: ", "from 1 to 256");
+    expect_err(__LINE__, "{'address': '127.0.0.1:1', 'max_calls_in_flight': -1}", f,
+               "redis.max_calls_in_flight: ", "from 0 to 1024");
+    expect_err(__LINE__, "{'address': '127.0.0.1:1', 'max_calls_in_flight': 1025}", f,
+               "redis.max_calls_in_flight: ", "from 0 to 1024");
+    expect_err(__LINE__, "{'address': '127.0.0.1:1', 'max_calls_in_flight': '1'}", f,
+               "redis.max_calls_in_flight: ", "integer");
     expect_err(__LINE__,
                "{'address': '127.0.0.1:1', 'key_prefix': '"
                "0123456789012345678901234567890123456789012345678901234567890123456789'}",
