@@ -1928,12 +1928,16 @@ static int rl_memo_refuse(struct rl_worker *w, struct rl_req *q)
 {
     if (!w->memo)
         return 0;
-    uint64_t now = rl_now_ns();
+    uint64_t now = 0; /* read once a key matches: most requests match none */
     struct rl_outcome o = { .allowed = 0 };
     int hit = 0;
     for (size_t i = 0; i < q->n; i++) {
         const struct rl_memo *m = &w->memo[q->hash[i] & (uint64_t)(w->rc->memo_size - 1)];
-        if (m->hash == q->hash[i] && m->until > now) {
+        if (m->hash != q->hash[i])
+            continue;
+        if (!now)
+            now = rl_now_ns();
+        if (m->until > now) {
             hit = 1;
             o.retry_ms[i] = rl_ceil_ms(m->until - now);
             o.reset_ms[i] = m->reset_until > now ? rl_ceil_ms(m->reset_until - now) : 0;
