@@ -843,6 +843,14 @@ if ("ratelimit", "portico") in med:
         cr = m(plain, "cpu_us_per_req") / m(rs, "cpu_us_per_req") if m(rs, "cpu_us_per_req") else 0
         print("  %-10s req/s %.2fx, per-CPU %.2fx (goal >= %.2f)%s" % (
             what, rr, cr, goal, "" if min(rr, cr) >= goal else "  BELOW GOAL"))
+        # Each round measures the twin next to the plain route: the ratio
+        # within a round cancels the machine's slow drift, which the
+        # medians of the two series do not.
+        pr = {x["round"]: float(x["rps"]) for x in plain}
+        per = sorted(float(x["rps"]) / pr[x["round"]] for x in rs if pr.get(x["round"]))
+        if len(per) > 1:
+            print("  %-10s req/s within each round: median %.2fx (%s)" % (
+                "", statistics.median(per), ", ".join("%.2f" % v for v in per)))
     try:
         calls = [ln.split("\t") for ln in open(sys.argv[2]).read().split("\n") if ln]
     except OSError:
