@@ -41,9 +41,9 @@
  * turn ends (the flush event, made active by the turn's first request,
  * runs after the turn's other events): Redis pays its per-call cost once
  * per batch, and a hot key once per batch. With max_calls_in_flight, a
- * worker with that many calls unanswered holds its batches until one
- * lands (or times out), so under load they grow instead of the calls
- * multiplying. A call is written in the turn it is sent, without an
+ * worker with that many calls unanswered holds its batch until one lands
+ * (or times out), so under load it grows instead of the calls
+ * multiplying; a full batch goes at once. A call is written in the turn it is sent, without an
  * epoll change (rate_limit_events.h). Batches are sent while CONNECTING
  * or READY (hiredis queues them behind the setup commands), or wait in the
  * worker's list while ASKING, unless the worker is "degraded": a call
@@ -1799,10 +1799,11 @@ static void on_flush(evutil_socket_t fd, short what, void *arg)
     w->fill_head = NULL;
     while (b) {
         struct rl_batch *next = b->next;
-        if (cap && w->in_flight >= cap && !w->degraded && !w->closing && w->state != RW_ASKING &&
-            w->ac && w->state != RW_DOWN) {
+        if (cap && w->in_flight >= cap && b->n < b->cap && !w->degraded && !w->closing &&
+            w->state != RW_ASKING && w->ac && w->state != RW_DOWN) {
             /* Held until a call lands: under load the batches grow instead
-             * of the calls multiplying. */
+             * of the calls multiplying. A full batch cannot grow, so it
+             * goes at once: past batch_max per round trip the cap yields. */
             w->fill_head = b;
             return;
         }

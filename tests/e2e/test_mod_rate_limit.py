@@ -6,6 +6,7 @@ timeout, the over-limit memo (no Redis call for a key known to be over), a
 client leaving while its request waits on Redis, and a Sentinel failover."""
 import json
 import os
+import queue
 import random
 import re
 import shutil
@@ -819,3 +820,101 @@ def test_held_requests_fall_back_within_the_timeout(portico, redis):
     assert 0.25 <= took < 1.5, took
     assert util.wait_until(lambda: "no answer within timeout_ms" in p.stderr(), 2)
     assert p.poll() is None
+
+
+class DelayLine:
+    """A TCP relay to Redis that holds every chunk sent to Redis for delay
+    seconds from its arrival (chunks in parallel, not one after another);
+    answers come back at once. A round trip then takes at least delay."""
+
+    def __init__(self, redis_port, delay):
+        self.delay, self.redis_port = delay, redis_port
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(8)
+        self.port = self.lsock.getsockname()[1]
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopped:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            r = socket.create_connection(("127.0.0.1", self.redis_port))
+            q = queue.Queue()
+            threading.Thread(target=self._read, args=(c, q), daemon=True).start()
+            threading.Thread(target=self._send_late, args=(q, r, c), daemon=True).start()
+            threading.Thread(target=self._pump, args=(r, c), daemon=True).start()
+
+    def _read(self, c, q):
+        while True:
+            try:
+                data = c.recv(65536)
+            except OSError:
+                data = b""
+            q.put((time.monotonic(), data))
+            if not data:
+                return
+
+    def _send_late(self, q, r, c):
+        while True:
+            t, data = q.get()
+            time.sleep(max(0.0, t + self.delay - time.monotonic()))
+            if not data:
+                r.close()
+                return
+            try:
+                r.sendall(data)
+            except OSError:
+                c.close()
+                return
+
+    @staticmethod
+    def _pump(src, dst):
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                dst.close()
+                return
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def stop(self):
+        self.stopped = True
+        self.lsock.close()
+
+
+def test_full_batches_go_out_despite_the_cap(portico, redis):
+    """max_calls_in_flight 1 holds only a batch that can still grow: with
+    batch_max 2, twenty requests at once make ten batches; the full ones
+    go out together instead of one per round trip, so with a round trip of
+    80 ms all twenty are decided by Redis within the 400 ms timeout (ten
+    round trips one after another would take 800 ms)."""
+    rd = redis()
+    relay = DelayLine(rd.port, 0.08)
+    try:
+        p = start(portico, {"key": "header:X-Client", "rate": "100/m",
+                            "on_redis_error": "allow"},
+                  relay.port, redis_extra={"timeout_ms": 400, "batch_max": 2,
+                                           "max_calls_in_flight": 1})
+        assert hit(p.port, uniq()).status == 200              # connected
+        before = rd.cmdstat("evalsha")
+        t0 = time.monotonic()
+        codes = burst(p.port, 20, uniq())
+        took = time.monotonic() - t0
+        assert codes == [200] * 20, codes
+        assert "no answer within timeout_ms" not in p.stderr(), p.stderr()
+        assert util.wait_until(lambda: p.stdout().count('"rate_limit":"allowed"') >= 21, 2)
+        assert "fallback" not in p.stdout()
+        assert 10 <= rd.cmdstat("evalsha") - before <= 20
+        assert took < 2, took
+    finally:
+        relay.stop()
