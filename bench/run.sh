@@ -25,7 +25,8 @@
 #                    rate_limit kept in process vs one in Redis (a
 #                    redis-server is started), with Redis commands per
 #                    request (goals 0.97 and 0.85); max_calls_in_flight
-#                    is 1 with busy polling, 0 without. "jwt": the route
+#                    and batch_linger_us are 1 and 300 with busy polling,
+#                    0 and 0 without. "jwt": the route
 #                    without auth vs jwt_auth with RS256 and ES256 tokens,
 #                    with and without the verified-token cache (goal with
 #                    it >= 0.90). "tls": /small with keep-alive over TLS;
@@ -67,14 +68,16 @@ BENCH_ROUNDS=${BENCH_ROUNDS:-1}
 BENCH_CONNS=${BENCH_CONNS:-64}
 BENCH_BUSY_POLL_US=${BENCH_BUSY_POLL_US:-50}
 [[ $BENCH_BUSY_POLL_US =~ ^[0-9]+$ ]] || { echo "BENCH_BUSY_POLL_US: a number" >&2; exit 2; }
-# rate_limit's max_calls_in_flight as docs/config.md advises: 1 with busy
-# polling (the answer is seen at once, so batches grow instead of calls
-# multiplying), no cap without it.
-# BENCH_RL_IN_FLIGHT overrides it.
-RL_IN_FLIGHT=0
-((BENCH_BUSY_POLL_US == 0)) || RL_IN_FLIGHT=1
+# rate_limit's max_calls_in_flight and batch_linger_us as docs/config.md
+# advises: 1 and 300 us with busy polling (the answer is seen at once, so
+# batches grow instead of calls multiplying), neither without it.
+# BENCH_RL_IN_FLIGHT and BENCH_RL_LINGER_US override them.
+RL_IN_FLIGHT=0 RL_LINGER_US=0
+((BENCH_BUSY_POLL_US == 0)) || RL_IN_FLIGHT=1 RL_LINGER_US=300
 RL_IN_FLIGHT=${BENCH_RL_IN_FLIGHT:-$RL_IN_FLIGHT}
+RL_LINGER_US=${BENCH_RL_LINGER_US:-$RL_LINGER_US}
 [[ $RL_IN_FLIGHT =~ ^[0-9]+$ ]] || { echo "BENCH_RL_IN_FLIGHT: a number" >&2; exit 2; }
+[[ $RL_LINGER_US =~ ^[0-9]+$ ]] || { echo "BENCH_RL_LINGER_US: a number" >&2; exit 2; }
 read -r -a PROXIES <<<"${BENCH_PROXIES:-portico nginx haproxy}"
 read -r -a CASES <<<"${BENCH_CASES:-small 4k 64k close}"
 PROXY_CPU=${BENCH_PROXY_CPU:-0}
@@ -219,6 +222,7 @@ render() {
     sed -e "s|@DIR@|$3|g" -e "s|@PORT@|$4|g" -e "s|@UPSTREAM@|$ORIGIN|g" \
         -e "s|@USER@|$user|g" -e "s|@REDIS@|${PORT_REDIS:-0}|g" \
         -e "s|@BUSY_POLL_US@|$BENCH_BUSY_POLL_US|g" -e "s|@RL_IN_FLIGHT@|$RL_IN_FLIGHT|g" \
+        -e "s|@RL_LINGER_US@|$RL_LINGER_US|g" \
         -e "s|@ORIGIN_PORT@|$PORT_ORIGIN|g" -e "s|@DYING_PORT@|${PORT_DYING:-0}|g" -e "s|@TLSPORT@|${5:-}|g" -e "s|@TLSFULLPORT@|$((${5:-0} + 3))|g" -e "s|@TLSDIR@|$TMP/tls|g" \
         -e "s|@TLS_LISTENER@|$tls_listener|g" "${tls_on[@]}" "$ROOT/bench/conf/$1" >"$2"
 }
@@ -772,7 +776,7 @@ versions="$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v 2>&1 | awk 'NR == 1 {p
 if [[ " ${STARTED[*]} " == *" portico "* ]]; then
     versions="$("$PORTICO_BIN" --version 2>/dev/null | head -1 || echo portico), $versions"
 fi
-echo "$versions; wrk -t1 -c$BENCH_CONNS; ${BENCH_SECONDS}s x $BENCH_ROUNDS round(s); proxy on CPU $PROXY_CPU; Portico busy_poll_us ${BENCH_BUSY_POLL_US}; origin $BENCH_ORIGIN$( ((!RATELIMIT)) || echo "; rate_limit max_calls_in_flight $RL_IN_FLIGHT")"
+echo "$versions; wrk -t1 -c$BENCH_CONNS; ${BENCH_SECONDS}s x $BENCH_ROUNDS round(s); proxy on CPU $PROXY_CPU; Portico busy_poll_us ${BENCH_BUSY_POLL_US}; origin $BENCH_ORIGIN$( ((!RATELIMIT)) || echo "; rate_limit max_calls_in_flight $RL_IN_FLIGHT, batch_linger_us $RL_LINGER_US")"
 "$PY" - "$RESULTS" "$TMP/redis-calls.tsv" "$IDLE_RESULTS" "$TMP/death.tsv" <<'EOF'
 import csv, os, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))

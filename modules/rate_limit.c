@@ -43,7 +43,9 @@
  * per batch, and a hot key once per batch. With max_calls_in_flight, a
  * worker with that many calls unanswered holds its batch until one lands
  * (or times out), so under load it grows instead of the calls
- * multiplying; a full batch goes at once. A call is written in the turn it is sent, without an
+ * multiplying; a full batch goes at once. With batch_linger_us, a batch
+ * begun while a call is in flight also waits that long from its first
+ * request (a request that finds nothing in flight never waits). A call is written in the turn it is sent, without an
  * epoll change (rate_limit_events.h). Batches are sent while CONNECTING
  * or READY (hiredis queues them behind the setup commands), or wait in the
  * worker's list while ASKING, unless the worker is "degraded": a call
@@ -239,7 +241,7 @@ struct rl_redis {
     char *username, *password;
     int db;
     int timeout_ms, connect_timeout_ms, reconnect_min_ms, reconnect_max_ms;
-    int max_pending, memo_size, batch_max, max_calls_in_flight;
+    int max_pending, memo_size, batch_max, max_calls_in_flight, batch_linger_us;
     char *prefix;
     char *label; /* for logs: where Redis is; never a password */
     char sha[41];
@@ -629,7 +631,7 @@ static int rl_parse_global(json_t *json, const char *path, void **gcfg, char *er
         "timeout_ms",       "connect_timeout_ms", "key_prefix",
         "reconnect_min_ms", "reconnect_max_ms",   "max_pending",
         "memo_size",        "batch_max",          "max_calls_in_flight",
-        NULL,
+        "batch_linger_us",  NULL,
     };
     if (rl_check_keys(json, path, known, err, errlen) < 0)
         return -1;
@@ -662,10 +664,18 @@ static int rl_parse_global(json_t *json, const char *path, void **gcfg, char *er
         rl_get_int(json, path, "memo_size", 0, 1 << 20, &rc->memo_size, err, errlen) < 0 ||
         rl_get_int(json, path, "batch_max", 1, 256, &rc->batch_max, err, errlen) < 0 ||
         rl_get_int(json, path, "max_calls_in_flight", 0, 1024, &rc->max_calls_in_flight, err,
-                   errlen) < 0)
+                   errlen) < 0 ||
+        rl_get_int(json, path, "batch_linger_us", 0, 100000, &rc->batch_linger_us, err, errlen) <
+            0)
         goto fail;
     if (rc->reconnect_max_ms < rc->reconnect_min_ms) {
         rl_err(err, errlen, "%s.reconnect_max_ms: must not be below reconnect_min_ms", path);
+        goto fail;
+    }
+    if (rc->batch_linger_us >= rc->timeout_ms * 1000) {
+        /* a lingering batch would time out before it is sent */
+        rl_err(err, errlen, "%s.batch_linger_us: must be below timeout_ms (%d ms)", path,
+               rc->timeout_ms);
         goto fail;
     }
     if (!!addr == !!sent) {
@@ -1191,6 +1201,7 @@ struct rl_batch {
     struct event *timer;       /* timeout_ms from its first request; NULL once nobody waits */
     int evalled;               /* already resent as EVAL after NOSCRIPT */
     int flying;                /* counted in w->in_flight */
+    uint64_t linger_until;     /* ns: held until then (born while a call was in flight) */
     size_t n, cap;             /* slots used, slots */
     size_t attached;           /* slots whose request still waits */
     size_t nkeys;              /* keys of all slots (set when sent) */
@@ -1799,13 +1810,23 @@ static void on_flush(evutil_socket_t fd, short what, void *arg)
     w->fill_head = NULL;
     while (b) {
         struct rl_batch *next = b->next;
-        if (cap && w->in_flight >= cap && b->n < b->cap && !w->degraded && !w->closing &&
-            w->state != RW_ASKING && w->ac && w->state != RW_DOWN) {
+        if (b->n < b->cap && !w->degraded && !w->closing && w->state != RW_ASKING && w->ac &&
+            w->state != RW_DOWN) {
             /* Held until a call lands: under load the batches grow instead
              * of the calls multiplying. A full batch cannot grow, so it
              * goes at once: past batch_max per round trip the cap yields. */
-            w->fill_head = b;
-            return;
+            int held = cap && w->in_flight >= cap;
+            uint64_t now = b->linger_until ? rl_now_ns() : 0;
+            if (!held && now < b->linger_until) {
+                uint64_t left = (b->linger_until - now) / 1000;
+                struct timeval tv = { (time_t)(left / 1000000), (suseconds_t)(left % 1000000) };
+                event_add(w->flush, &tv);
+                held = 1;
+            }
+            if (held) {
+                w->fill_head = b;
+                return;
+            }
         }
         b->next = NULL;
         /* compact: requests that left while the batch filled */
@@ -1981,6 +2002,8 @@ static enum filter_status rl_redis(struct rl_req *q)
         else
             w->fill_head = b;
         w->fill_tail = b;
+        if (rc->batch_linger_us && w->in_flight)
+            b->linger_until = rl_now_ns() + (uint64_t)rc->batch_linger_us * 1000u;
     }
     /* A held batch may have timed out and given up its requests: the new
      * one gets a timer of its own. */

@@ -918,3 +918,24 @@ def test_full_batches_go_out_despite_the_cap(portico, redis):
         assert took < 2, took
     finally:
         relay.stop()
+
+
+def test_batch_linger_gathers_requests_behind_a_call(portico, redis):
+    """batch_linger_us: a request that finds no call in flight goes at
+    once; requests arriving while one is in flight wait up to the linger
+    from the first of them and go out together."""
+    rd = redis()
+    for linger, calls_expected in ((100000, 2), (0, 5)):
+        p = start(portico, {"key": "header:X-Client", "rate": "100/m"}, rd.port,
+                  redis_extra={"timeout_ms": 3000, "batch_linger_us": linger})
+        assert hit(p.port, uniq()).status == 200              # connected
+        t0 = time.monotonic()
+        assert hit(p.port, uniq()).status == 200              # nothing in flight: no wait
+        assert time.monotonic() - t0 < 0.08, linger
+        before = rd.cmdstat("evalsha")
+        rd.cli("CLIENT", "PAUSE", "300", "ALL")
+        codes = read_codes(sent_apart(p.port, 5, uniq(), 0.01))
+        assert codes == [200] * 5, (linger, codes)
+        assert rd.cmdstat("evalsha") - before == calls_expected, linger
+        assert "fallback" not in p.stdout() and "on_redis_error" not in p.stderr()
+        p.stop()

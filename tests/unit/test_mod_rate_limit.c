@@ -511,6 +511,10 @@ static void test_config_ok(void)
               "{'key': 'ip', 'rate': '1/d'}");
     expect_ok(__LINE__, "{'address': '127.0.0.1:6379', 'max_calls_in_flight': 1024}",
               "{'key': 'ip', 'rate': '1/d'}");
+    expect_ok(__LINE__, "{'address': '127.0.0.1:6379', 'batch_linger_us': 49999}",
+              "{'key': 'ip', 'rate': '1/d'}");
+    expect_ok(__LINE__, "{'address': '127.0.0.1:6379', 'batch_linger_us': 100000, 'timeout_ms': 101}",
+              "{'key': 'ip', 'rate': '1/d'}");
     expect_ok(__LINE__, "{'address': '[::1]:6379', 'password': 'x', 'db': 3, 'timeout_ms': 20}",
               "{'key': 'ip', 'rate': '1/h', 'on_redis_error': 'deny'}");
     expect_ok(__LINE__, "{'address': 'unix:/run/redis.sock'}",
@@ -619,6 +623,10 @@ static void test_config_errors(void)
                "redis.max_calls_in_flight: ", "from 0 to 1024");
     expect_err(__LINE__, "{'address': '127.0.0.1:1', 'max_calls_in_flight': '1'}", f,
                "redis.max_calls_in_flight: ", "integer");
+    expect_err(__LINE__, "{'address': '127.0.0.1:1', 'batch_linger_us': 100001}", f,
+               "redis.batch_linger_us: ", "from 0 to 100000");
+    expect_err(__LINE__, "{'address': '127.0.0.1:1', 'batch_linger_us': 50000}", f,
+               "redis.batch_linger_us: ", "below timeout_ms (50 ms)");
     expect_err(__LINE__,
                "{'address': '127.0.0.1:1', 'key_prefix': '"
                "0123456789012345678901234567890123456789012345678901234567890123456789'}",
