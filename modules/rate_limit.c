@@ -1799,34 +1799,49 @@ static void rl_batch_arm(struct rl_worker *w, struct rl_batch *b)
     evtimer_add(b->timer, &tv);
 }
 
+/* Batches can go to Redis now, or (before the sentinels have named the
+ * master) wait for it; once in trouble, nothing waits. */
+static int rl_usable(const struct rl_worker *w)
+{
+    return !w->degraded && !w->closing &&
+           (w->state == RW_ASKING || (w->ac && w->state != RW_DOWN));
+}
+
+/* b, the first batch not sent, stays for now: under load the batches grow
+ * instead of the calls multiplying. A full batch cannot grow, so it goes
+ * at once (past batch_max per round trip the cap yields); a lingering one
+ * brings the flush back when its linger ends. */
+static int rl_batch_held(struct rl_worker *w, const struct rl_batch *b)
+{
+    if (b->n == b->cap || !rl_usable(w) || w->state == RW_ASKING)
+        return 0;
+    int cap = w->rc->max_calls_in_flight;
+    if (cap && w->in_flight >= cap)
+        return 1; /* a landing brings the flush back */
+    if (!b->linger_until)
+        return 0;
+    uint64_t now = rl_now_ns();
+    if (now >= b->linger_until)
+        return 0;
+    uint64_t left = (b->linger_until - now) / 1000;
+    struct timeval tv = { (time_t)(left / 1000000), (suseconds_t)(left % 1000000) };
+    event_add(w->flush, &tv);
+    return 1;
+}
+
 /* Send the batches filled during this loop turn (an event made active by
  * the turn's first paused request runs after the turn's other events). */
 static void on_flush(evutil_socket_t fd, short what, void *arg)
 {
     struct rl_worker *w = arg;
-    int cap = w->rc->max_calls_in_flight;
     struct rl_batch *b = w->fill_head;
     w->flush_active = 0;
     w->fill_head = NULL;
     while (b) {
         struct rl_batch *next = b->next;
-        if (b->n < b->cap && !w->degraded && !w->closing && w->state != RW_ASKING && w->ac &&
-            w->state != RW_DOWN) {
-            /* Held until a call lands: under load the batches grow instead
-             * of the calls multiplying. A full batch cannot grow, so it
-             * goes at once: past batch_max per round trip the cap yields. */
-            int held = cap && w->in_flight >= cap;
-            uint64_t now = b->linger_until ? rl_now_ns() : 0;
-            if (!held && now < b->linger_until) {
-                uint64_t left = (b->linger_until - now) / 1000;
-                struct timeval tv = { (time_t)(left / 1000000), (suseconds_t)(left % 1000000) };
-                event_add(w->flush, &tv);
-                held = 1;
-            }
-            if (held) {
-                w->fill_head = b;
-                return;
-            }
+        if (rl_batch_held(w, b)) {
+            w->fill_head = b;
+            return;
         }
         b->next = NULL;
         /* compact: requests that left while the batch filled */
@@ -1845,8 +1860,7 @@ static void on_flush(evutil_socket_t fd, short what, void *arg)
         b->n = n;
         if (n == 0) {
             rl_batch_free(b);
-        } else if (w->degraded || w->closing ||
-                   (w->state != RW_ASKING && (!w->ac || w->state == RW_DOWN))) {
+        } else if (!rl_usable(w)) {
             rl_batch_drop(b);
         } else {
             rl_batch_build(w->rc, b);
@@ -1980,10 +1994,7 @@ static enum filter_status rl_redis(struct rl_req *q)
     struct rl_worker *w = rl_worker_get(q->r, rc);
     if (rl_memo_refuse(w, q))
         return FILTER_RESPONDED;
-    /* Before the sentinels have named the master, the call waits for it;
-     * once in trouble, nothing waits. */
-    int wait = w->state == RW_ASKING;
-    if (w->degraded || (!wait && (!w->ac || w->state == RW_DOWN)))
+    if (!rl_usable(w))
         return rl_fallback(q);
     if (w->pending >= rc->max_pending) {
         rl_trouble(w, "too many calls in flight (max_pending)", NULL);

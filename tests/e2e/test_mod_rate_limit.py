@@ -501,12 +501,23 @@ def burst(port, n, client, path="/rl/x", extra=None, timeout=10):
     """n requests sent at once on n connections (all written before any is
     read, so one worker sees many in one loop turn): their status codes, 0
     for a connection closed without an answer."""
-    hdr = "".join("%s: %s\r\n" % kv for kv in (extra or {}).items())
-    req = ("GET %s HTTP/1.1\r\nHost: t\r\nX-Client: %s\r\n%sConnection: close\r\n\r\n"
-           % (path, client, hdr)).encode()
+    req = one_request(client, path, extra)
     socks = [socket.create_connection(("127.0.0.1", port), timeout=timeout) for _ in range(n)]
     for s in socks:
         s.sendall(req)
+    return read_codes(socks)
+
+
+def one_request(client, path="/rl/x", extra=None):
+    """A GET from client with Connection: close, as bytes."""
+    hdr = "".join("%s: %s\r\n" % kv for kv in (extra or {}).items())
+    return ("GET %s HTTP/1.1\r\nHost: t\r\nX-Client: %s\r\n%sConnection: close\r\n\r\n"
+            % (path, client, hdr)).encode()
+
+
+def read_codes(socks):
+    """Each socket read to its end and closed: the status codes, 0 for a
+    connection closed without an answer."""
     codes = []
     for s in socks:
         data = b""
@@ -755,8 +766,7 @@ def test_batch_max_bounds_a_call(portico, redis):
 def sent_apart(port, n, client, gap):
     """n requests, each on its own connection, gap seconds apart (one loop
     turn each): the open sockets, to be read with read_codes."""
-    req = ("GET /rl/x HTTP/1.1\r\nHost: t\r\nX-Client: %s\r\nConnection: close\r\n\r\n"
-           % client).encode()
+    req = one_request(client)
     socks = []
     for _ in range(n):
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -764,23 +774,6 @@ def sent_apart(port, n, client, gap):
         socks.append(s)
         time.sleep(gap)
     return socks
-
-
-def read_codes(socks):
-    codes = []
-    for s in socks:
-        data = b""
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except OSError:
-            pass
-        s.close()
-        codes.append(int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0)
-    return codes
 
 
 def test_max_calls_in_flight_holds_batches(portico, redis):
