@@ -233,10 +233,14 @@ def fd_links(pid):
 
 def settled_fd_count(g):
     """Portico's descriptors once it has answered a request: under load its
-    threads may still be making their wake-up pipes when it starts listening."""
+    threads may still be making their wake-up pipes when it starts listening.
+    The request asks portico to close: once the client sees it close, the
+    connection's descriptor is gone (a client that closed first would race
+    portico's close, and the count could include it)."""
     with g.conn() as c:
-        c.request("GET", "/warm")
+        c.request("GET", "/warm", headers={"Connection": "close"})
         assert c.read_response().status == 200
+        assert c.wait_closed(3.0), "portico kept a Connection: close connection open"
     return fd_count(g.portico.pid)
 
 
@@ -820,10 +824,14 @@ def test_abuse_leaks_no_connection_slots(gateway):
     assert left <= fds0, "%d descriptors still open after the abuse (%d before): %s\n%s" % (
         left, fds0, fd_links(g.portico.pid),
         subprocess.run(["ss", "-tanpi"], capture_output=True, text=True).stdout)
-    held = [g.conn(timeout=3.0) for _ in range(n)]
+    # every slot at once; each asks at once, so none sits idle past
+    # idle_timeout_ms while the others are answered on a loaded machine
+    held = []
     try:
+        for _ in range(n):
+            held.append(g.conn(timeout=3.0))
+            held[-1].request("GET", "/slot")
         for c in held:
-            c.request("GET", "/slot")
             assert c.read_response().status == 200
     finally:
         for c in held:
