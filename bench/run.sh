@@ -23,7 +23,7 @@
 #                    and cors, and prints the ratio (goal >= 0.95).
 #                    "ratelimit": the route without filters vs one
 #                    rate_limit kept in process vs one in Redis (a
-#                    redis-server is started), with Redis commands per
+#                    redis-server is started, on BENCH_REDIS_CPU), with Redis commands per
 #                    request (goals 0.97 and 0.85); max_calls_in_flight
 #                    and batch_linger_us are 1 and 300 with busy polling,
 #                    0 and 0 without. "jwt": the route
@@ -52,6 +52,8 @@
 #                    and without resumption 18814-18816)
 #   BENCH_PROXY_CPU  core for the proxy under test (default 0)
 #   BENCH_LOAD_CPU   core for the origin and wrk (default 1)
+#   BENCH_REDIS_CPU  core for redis-server in the ratelimit case (default:
+#                    the proxy's; see README.md, "Redis on the proxy's core")
 #   BENCH_ORIGIN     c (default): bench/origin.c, a fixed-response server
 #                    built by this script; nginx: the nginx origin of
 #                    bench/conf/upstream-nginx.conf (before 27 Nov 2026)
@@ -82,6 +84,7 @@ read -r -a PROXIES <<<"${BENCH_PROXIES:-portico nginx haproxy}"
 read -r -a CASES <<<"${BENCH_CASES:-small 4k 64k close}"
 PROXY_CPU=${BENCH_PROXY_CPU:-0}
 LOAD_CPU=${BENCH_LOAD_CPU:-1}
+REDIS_CPU=${BENCH_REDIS_CPU:-$PROXY_CPU}
 BENCH_ORIGIN=${BENCH_ORIGIN:-c}
 PORTICO_BIN=${PORTICO_BIN:-$ROOT/build/src/portico}
 
@@ -170,7 +173,7 @@ for port in "$PORT_ORIGIN" "${PORT[@]}" "${TLSPORT[@]}" "${TLSFULLPORT[@]}" ${PO
     ! port_busy "$port" || die "port $port is already in use; stop whatever listens there"
 done
 ncpu=$(nproc)
-((PROXY_CPU < ncpu && LOAD_CPU < ncpu)) || die "need CPUs $PROXY_CPU and $LOAD_CPU; this machine has $ncpu"
+((PROXY_CPU < ncpu && LOAD_CPU < ncpu && REDIS_CPU < ncpu)) || die "need CPUs $PROXY_CPU, $LOAD_CPU and $REDIS_CPU; this machine has $ncpu"
 [[ $PROXY_CPU != "$LOAD_CPU" ]] || log "warning: proxy and load share CPU $PROXY_CPU"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
@@ -662,9 +665,11 @@ if ((RATELIMIT)); then
     [[ " ${STARTED[*]} " == *" portico "* ]] || STARTED+=(portico)
     STARTED+=(portico_rl_local portico_rl_redis)
     mkdir -p "$TMP/redis"
-    # Redis shares the load's CPU: a remote Redis would cost the proxy the
-    # same, and the proxy's core stays its own.
-    start redis "$LOAD_CPU" "$TMP/redis/redis.log" redis-server --port "$PORT_REDIS" \
+    # Redis runs on the proxy's core: the load's core is the one this
+    # machine saturates first, and Redis there took wrk's and the origin's
+    # time, which a Redis on its own host (as in production) would not;
+    # on the proxy's core it takes the gateway's time instead.
+    start redis "$REDIS_CPU" "$TMP/redis/redis.log" redis-server --port "$PORT_REDIS" \
         --bind 127.0.0.1 --save '' --appendonly no --dir "$TMP/redis"
     wait_up redis "$PORT_REDIS" "$TMP/redis/redis.log"
 fi
@@ -776,7 +781,7 @@ versions="$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v 2>&1 | awk 'NR == 1 {p
 if [[ " ${STARTED[*]} " == *" portico "* ]]; then
     versions="$("$PORTICO_BIN" --version 2>/dev/null | head -1 || echo portico), $versions"
 fi
-echo "$versions; wrk -t1 -c$BENCH_CONNS; ${BENCH_SECONDS}s x $BENCH_ROUNDS round(s); proxy on CPU $PROXY_CPU; Portico busy_poll_us ${BENCH_BUSY_POLL_US}; origin $BENCH_ORIGIN$( ((!RATELIMIT)) || echo "; rate_limit max_calls_in_flight $RL_IN_FLIGHT, batch_linger_us $RL_LINGER_US")"
+echo "$versions; wrk -t1 -c$BENCH_CONNS; ${BENCH_SECONDS}s x $BENCH_ROUNDS round(s); proxy on CPU $PROXY_CPU; Portico busy_poll_us ${BENCH_BUSY_POLL_US}; origin $BENCH_ORIGIN$( ((!RATELIMIT)) || echo "; rate_limit max_calls_in_flight $RL_IN_FLIGHT, batch_linger_us $RL_LINGER_US, Redis on CPU $REDIS_CPU")"
 "$PY" - "$RESULTS" "$TMP/redis-calls.tsv" "$IDLE_RESULTS" "$TMP/death.tsv" <<'EOF'
 import csv, os, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
