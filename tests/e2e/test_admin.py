@@ -42,6 +42,23 @@ def sample_value(fams, family, sample_name, **labels):
     return total
 
 
+def scrape_until(port, ready, timeout=3.0):
+    """/metrics, parsed, once ready(fams) holds (or the last scrape after
+    timeout, for the asserts to report). A request is counted when it ends,
+    just after its answer's last byte is written: a scrape sent the moment
+    the answer arrives can come before that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fams = families(admin_get(port, "/metrics")[1])
+        if ready(fams) or time.monotonic() >= deadline:
+            return fams
+        time.sleep(0.02)
+
+
+def requests_counted(fams):
+    return sample_value(fams, "portico_requests", "portico_requests_total")
+
+
 @pytest.fixture
 def admin_gw(portico, upstream):
     def start(admin=None, workers=2, **top):
@@ -82,7 +99,8 @@ def test_metrics_parse_and_count(admin_gw):
     assert util.get(p.port, "/dead/x").status == 502
     st, text, hdr = admin_get(p.admin_port, "/metrics")
     assert st == 200 and hdr["Content-Type"].startswith("text/plain; version=0.0.4")
-    fams = families(text)  # raises on a malformed exposition
+    families(text)  # raises on a malformed exposition
+    fams = scrape_until(p.admin_port, lambda f: requests_counted(f) >= 11)
     assert sample_value(fams, "portico_requests", "portico_requests_total",
                         route="api", method="GET", code="2xx") == 7
     assert sample_value(fams, "portico_requests", "portico_requests_total",
@@ -110,7 +128,7 @@ def test_metrics_summed_over_workers(admin_gw):
     p = admin_gw(workers=2)
     for _ in range(40):  # fresh connections spread over both workers
         assert util.get(p.port, "/api/x").status == 200
-    fams = families(admin_get(p.admin_port, "/metrics")[1])
+    fams = scrape_until(p.admin_port, lambda f: requests_counted(f) >= 40)
     assert sample_value(fams, "portico_requests", "portico_requests_total", route="api") == 40
 
 
@@ -277,7 +295,7 @@ def test_module_metrics(portico, echo, portico_bin):
     assert codes == [200, 200, 200, 429, 429]
     assert util.get(p.port, "/x").status == 401
     assert util.get(p.port, "/x", headers={"Authorization": "Bearer " + expired}).status == 401
-    fams = families(admin_get(aport, "/metrics")[1])
+    fams = scrape_until(aport, lambda f: requests_counted(f) >= 7)
     assert sample_value(fams, "portico_jwt_requests", "portico_jwt_requests_total",
                         outcome="accepted") == 5
     assert sample_value(fams, "portico_jwt_requests", "portico_jwt_requests_total",
