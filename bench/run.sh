@@ -23,11 +23,11 @@
 #                    and cors, and prints the ratio (goal >= 0.95).
 #                    "ratelimit": the route without filters vs one
 #                    rate_limit kept in process vs one in Redis (a
-#                    redis-server is started, on BENCH_REDIS_CPU), with Redis commands per
-#                    request (goals 0.97 and 0.85); max_calls_in_flight
-#                    and batch_linger_us are 1 and 300 with busy polling,
-#                    0 and 0 without. "jwt": the route
-#                    without auth vs jwt_auth with RS256 and ES256 tokens,
+#                    redis-server is started, on BENCH_REDIS_CPU), with
+#                    Redis commands per request (goals 0.97 and 0.85);
+#                    max_calls_in_flight and batch_linger_us are 1 and
+#                    300 with busy polling, 0 and 0 without. "jwt": the
+#                    route without auth vs jwt_auth with RS256 and ES256 tokens,
 #                    with and without the verified-token cache (goal with
 #                    it >= 0.90). "tls": /small with keep-alive over TLS;
 #                    "tlsnew": a new TLS connection per request, as wrk

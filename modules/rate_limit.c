@@ -45,8 +45,9 @@
  * (or times out), so under load it grows instead of the calls
  * multiplying; a full batch goes at once. With batch_linger_us, a batch
  * begun while a call is in flight also waits that long from its first
- * request (a request that finds nothing in flight never waits). A call is written in the turn it is sent, without an
- * epoll change (rate_limit_events.h). Batches are sent while CONNECTING
+ * request (a request that finds nothing in flight never waits). A call is
+ * written in the turn it is sent, without an epoll change
+ * (rate_limit_events.h). Batches are sent while CONNECTING
  * or READY (hiredis queues them behind the setup commands), or wait in the
  * worker's list while ASKING, unless the worker is "degraded": a call
  * timed out or the connection failed.
@@ -644,7 +645,6 @@ static int rl_parse_global(json_t *json, const char *path, void **gcfg, char *er
     rc->max_pending = 1024;
     rc->memo_size = 4096;
     rc->batch_max = 64;
-    rc->max_calls_in_flight = 0;
     const char *addr = NULL, *master = NULL, *user = NULL, *pass = NULL, *prefix = NULL;
     json_t *sent = json_object_get(json, "sentinels");
     if (rl_get_str(json, path, "address", &addr, err, errlen) < 0 ||
@@ -1626,6 +1626,16 @@ static void rl_batch_send(struct rl_worker *w, struct rl_batch *b)
     w->in_flight++;
 }
 
+/* The batches filling go out (or are held again) at the end of this loop
+ * turn, after its other events. */
+static void rl_flush_soon(struct rl_worker *w)
+{
+    if (w->flush_active)
+        return;
+    w->flush_active = 1;
+    event_active(w->flush, EV_TIMEOUT, 1);
+}
+
 /* b's call is answered or timed out: batches held behind it go out at the
  * end of this loop turn. */
 static void rl_batch_landed(struct rl_batch *b)
@@ -1635,10 +1645,8 @@ static void rl_batch_landed(struct rl_batch *b)
         return;
     b->flying = 0;
     w->in_flight--;
-    if (w->fill_head && !w->closing && !w->flush_active) {
-        w->flush_active = 1;
-        event_active(w->flush, EV_TIMEOUT, 1);
-    }
+    if (w->fill_head && !w->closing)
+        rl_flush_soon(w);
 }
 
 /* send: the master connection exists, send the waiting batches behind its
@@ -2020,10 +2028,7 @@ static enum filter_status rl_redis(struct rl_req *q)
      * one gets a timer of its own. */
     if (!b->timer)
         rl_batch_arm(w, b);
-    if (!w->flush_active) {
-        w->flush_active = 1;
-        event_active(w->flush, EV_TIMEOUT, 1);
-    }
+    rl_flush_soon(w);
     q->batch = b;
     q->slot = b->n;
     b->q[b->n++] = q;
